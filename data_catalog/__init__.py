@@ -1,0 +1,1 @@
+"""Data: scan catalog, validation, preprocessing, phantoms."""

@@ -1,0 +1,531 @@
+"""The scan catalog of a data root: which scans exist, their role, geometry and validity; the
+cross-validation folds; the pseudo-label lineage.
+
+Tables are CSV files in ``DATA_ROOT/viola_catalog/`` (open them in any spreadsheet or with
+``pandas.read_csv``):
+
+* ``scans.csv``: one row per image file: scan_id, role (labelled / unlabelled / test), status
+  (ok / rejected) and reason, image and label paths (relative to the root), content hashes, shape,
+  spacing (mm), orientation code, time added and updated, and the file stats used to skip files
+  that did not change.
+* ``folds_k{K}_seed{S}.csv``: the K-fold split of the labelled scans, seeded; scans labelled later
+  join the smallest folds, existing assignments never move.
+* ``pseudo_labels.csv``: per (scan, round): the mask file and its hash, the teacher run, the
+  ensemble members, the confidence scores, whether it was selected, and the rule that decided.
+
+Every write goes to a temporary file that is renamed into place, under a lock file, so two
+processes never interleave their writes and a crash never leaves a half-written table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import filelock
+import numpy as np
+import pandas as pd
+
+from data_catalog.scans import ScanError, atomic_write, check_label_matches, file_sha256, read_image, read_label
+
+__all__ = [
+    "CATALOG_DIR",
+    "ROLES",
+    "CatalogBusyError",
+    "IngestReport",
+    "catalog_dir",
+    "ingest",
+    "load_scans",
+    "usable_scans",
+    "update_folds",
+    "load_folds",
+    "record_pseudo_labels",
+    "load_pseudo_labels",
+    "catalog_hash",
+    "describe",
+]
+
+log = logging.getLogger(__name__)
+
+CATALOG_DIR = "viola_catalog"
+ROLES = ("labelled", "unlabelled", "test")
+SCAN_COLUMNS = [
+    "scan_id", "role", "status", "reason", "image_path", "label_path", "image_hash", "label_hash",
+    "shape", "spacing", "orientation", "label_transform", "added_at", "updated_at",
+    "image_size", "image_mtime_ns", "label_size", "label_mtime_ns",
+]
+PSEUDO_COLUMNS = [
+    "scan_id", "round", "mask_path", "mask_hash", "teacher_run_id", "members", "agreement",
+    "mean_probability", "volume_cv", "volume_ml", "selected", "rule", "created_at",
+]
+_NII = (".nii.gz", ".nii")
+_DUPLICATE_REASONS = ("same content as ", "scan id ")  # rejected for a clash only: re-decided on every ingest
+
+
+class CatalogBusyError(RuntimeError):
+    """Another process holds the catalog's lock."""
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` call found; ids or relative paths."""
+
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason), all currently rejected
+    newly_rejected: list[str] = field(default_factory=list)
+    layout: str = ""
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines."""
+        out = [
+            f"layout: {self.layout}",
+            f"new: {len(self.new)}" + (f" ({_preview(self.new)})" if self.new else ""),
+            f"changed: {len(self.changed)}" + (f" ({_preview(self.changed)})" if self.changed else ""),
+            f"unchanged: {self.unchanged}",
+            f"removed: {len(self.removed)}" + (f" ({_preview(self.removed)})" if self.removed else ""),
+            f"rejected: {len(self.rejected)}",
+        ]
+        out += [f"  {path}: {reason}" for path, reason in self.rejected]
+        return out
+
+
+def _preview(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def catalog_dir(root: Path) -> Path:
+    return Path(root) / CATALOG_DIR
+
+
+@contextmanager
+def _locked(root: Path, timeout_s: float = 120.0) -> Iterator[None]:
+    cdir = catalog_dir(root)
+    cdir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(cdir / ".lock"))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except filelock.Timeout:
+        raise CatalogBusyError(
+            f"another process is writing the catalog in {cdir} (lock {cdir / '.lock'} held over {timeout_s:.0f} s)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for c in columns:
+        if c not in df:
+            df[c] = ""
+    return df[columns]
+
+
+# ---------------------------------------------------------------------------------------- layout
+@dataclass
+class _Candidate:
+    scan_id: str
+    role: str
+    image: str  # path relative to root
+    label: str = ""
+    error: str = ""
+
+
+def _strip_nii(name: str) -> str | None:
+    for ext in _NII:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _nii_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _strip_nii(p.name))
+
+
+def _stray_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not _strip_nii(p.name))
+
+
+def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channel: bool) -> list[_Candidate]:
+    """Images of one folder with their labels (same case name); labels without image are reported."""
+    out: list[_Candidate] = []
+    label_files = {(_strip_nii(p.name) or ""): p for p in _nii_files(labels)} if labels else {}
+    used: set[str] = set()
+    for img in _nii_files(images):
+        case = _strip_nii(img.name) or ""
+        cand = _Candidate(scan_id=case, role=role, image=str(img.relative_to(root)))
+        if strip_channel:  # nnU-Net: CASE_0000 is the (only) CT channel
+            if case.endswith("_0000"):
+                case = case[:-5]
+                cand.scan_id = case
+            else:
+                cand.error = "nnU-Net image names end in _0000 (single-channel CT); other channels are not supported"
+        if labels is not None and not cand.error:
+            lab = label_files.get(case)
+            if lab is None:
+                cand.error = f"no label found (expected {labels.relative_to(root)}/{case}.nii.gz)"
+            else:
+                cand.label = str(lab.relative_to(root))
+                used.add(case)
+        out.append(cand)
+    for case, lab in label_files.items():
+        if case not in used:
+            out.append(_Candidate(scan_id=case, role=role, image=str(lab.relative_to(root)),
+                                  error="label without image"))
+    for stray in _stray_files(images) + (_stray_files(labels) if labels else []):
+        out.append(_Candidate(scan_id=stray.name, role=role, image=str(stray.relative_to(root)),
+                              error="not a NIfTI file name (.nii or .nii.gz)"))
+    return out
+
+
+def discover(root: Path) -> tuple[str, list[_Candidate]]:
+    """Find the scans of a data root in the INSTANCE 2022 layout (``train/data``, ``train/label``,
+    ``unlabelled/``, ``test/data``, ``test/label``) or the nnU-Net layout (``imagesTr/CASE_0000``,
+    ``labelsTr/CASE``, ``imagesTs/``, ``labelsTs/``, plus ``unlabelled/``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist or is not a folder")
+    if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
+        layout = "nnU-Net"
+        cands = _pair(root, root / "imagesTr", root / "labelsTr", "labelled", True)
+        cands += _pair(root, root / "imagesTs", root / "labelsTs", "test", True)
+    else:
+        layout = "INSTANCE 2022"
+        cands = _pair(root, root / "train" / "data", root / "train" / "label", "labelled", False)
+        cands += _pair(root, root / "test" / "data", root / "test" / "label", "test", False)
+    cands += _pair(root, root / "unlabelled", None, "unlabelled", False)
+    if not cands:
+        raise FileNotFoundError(
+            f"no scans under {root}: expected train/data + train/label, unlabelled/, test/data + test/label "
+            "(INSTANCE 2022 layout) or imagesTr/ + labelsTr/, imagesTs/ (nnU-Net layout)"
+        )
+    return layout, cands
+
+
+# ---------------------------------------------------------------------------------------- ingest
+def _stat(root: Path, rel: str) -> tuple[str, str]:
+    if not rel:
+        return "", ""
+    st = (Path(root) / rel).stat()
+    return str(st.st_size), str(st.st_mtime_ns)
+
+
+def _validate(root: Path, cand: _Candidate, binarize: bool) -> dict[str, str]:
+    """Read and check one candidate; returns the row fields that depend on the files' content."""
+    fields = {"status": "ok", "reason": "", "shape": "", "spacing": "", "orientation": ""}
+    try:
+        _, info = read_image(root / cand.image)
+        fields.update(
+            shape="x".join(str(s) for s in info.shape),
+            spacing="x".join(f"{s:.6g}" for s in info.spacing),
+            orientation=info.orientation,
+        )
+        if cand.label:
+            try:
+                _, linfo = read_label(root / cand.label, binarize=binarize)
+            except ScanError as e:
+                raise ScanError(f"label {cand.label}: {e}") from None
+            check_label_matches(info, linfo)
+    except ScanError as e:
+        fields.update(status="rejected", reason=str(e))
+    except OSError as e:
+        fields.update(status="rejected", reason=f"cannot read file: {e}")
+    return fields
+
+
+def ingest(
+    root: Path, binarize_labels: bool = False, workers: int | None = None, lock_timeout_s: float = 120.0
+) -> IngestReport:
+    """Register or refresh the catalog of ``root``; only new or changed files are read.
+
+    A file whose size and modification time match the catalog is not opened; others are hashed,
+    and only those whose content hash changed are validated again. Invalid files are recorded as
+    rejected with a one-line reason; they never stop the others. Returns what changed.
+    """
+    root = Path(root).resolve()
+    layout, cands = discover(root)
+    report = IngestReport(layout=layout)
+    transform = "binarize" if binarize_labels else ""
+    with _locked(root, lock_timeout_s):
+        old = _read_csv(catalog_dir(root) / "scans.csv", SCAN_COLUMNS)
+        old_by_path = {r["image_path"]: r for r in old.to_dict("records")}
+        rows: list[dict[str, str]] = []
+        to_check: list[tuple[dict[str, str], _Candidate, str]] = []
+        for cand in cands:
+            prev = old_by_path.get(cand.image)
+            row = {c: "" for c in SCAN_COLUMNS}
+            row.update(scan_id=cand.scan_id, role=cand.role, image_path=cand.image, label_path=cand.label,
+                       label_transform=transform if cand.label else "")
+            try:
+                row["image_size"], row["image_mtime_ns"] = _stat(root, cand.image)
+                row["label_size"], row["label_mtime_ns"] = _stat(root, cand.label)
+            except OSError as e:
+                row.update(status="rejected", reason=f"cannot read file: {e}", added_at=_now(), updated_at=_now())
+                rows.append(row)
+                continue
+            same_stat = prev is not None and all(
+                prev[k] == row[k] for k in ("role", "label_path", "label_transform", "image_size", "image_mtime_ns",
+                                            "label_size", "label_mtime_ns")
+            )
+            if same_stat and not cand.error:
+                kept = {**prev, "scan_id": cand.scan_id}
+                if kept["reason"].startswith(_DUPLICATE_REASONS):  # valid content: decided again below
+                    kept.update(status="ok", reason="")
+                rows.append(kept)
+                report.unchanged += 1
+                continue
+            if cand.error:
+                row.update(status="rejected", reason=cand.error, added_at=(prev or {}).get("added_at") or _now(),
+                           updated_at=_now())
+                rows.append(row)
+                continue
+            to_check.append((row, cand, "new" if prev is None else "maybe-changed"))
+            rows.append(row)
+
+        def hash_and_validate(item: tuple[dict[str, str], _Candidate, str]) -> None:
+            row, cand, kind = item
+            prev = old_by_path.get(cand.image)
+            row["image_hash"] = file_sha256(root / cand.image)
+            row["label_hash"] = file_sha256(root / cand.label) if cand.label else ""
+            if prev is not None and all(prev[k] == row[k] for k in ("image_hash", "label_hash", "label_path",
+                                                                     "label_transform", "role")):
+                for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at"):
+                    row[k] = prev[k]
+                if row["reason"].startswith(_DUPLICATE_REASONS):
+                    row.update(status="ok", reason="")
+                item_kind[cand.image] = "unchanged"
+                return
+            row.update(_validate(root, cand, binarize_labels))
+            row["added_at"] = (prev or {}).get("added_at") or _now()
+            row["updated_at"] = _now()
+            item_kind[cand.image] = kind
+
+        item_kind: dict[str, str] = {}
+        n_workers = workers or min(4, os.cpu_count() or 1)
+        if to_check:
+            log.info("reading %d new or changed file(s) with %d worker(s)", len(to_check), n_workers)
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                list(pool.map(hash_and_validate, to_check))
+        for row, cand, _ in to_check:
+            kind = item_kind[cand.image]
+            if kind == "unchanged":
+                report.unchanged += 1
+            elif kind == "new":
+                report.new.append(cand.scan_id)
+            else:
+                report.changed.append(cand.scan_id)
+
+        _reject_duplicates(rows)
+        seen_paths = {r["image_path"] for r in rows}
+        report.removed = sorted(r["scan_id"] for r in old.to_dict("records") if r["image_path"] not in seen_paths)
+        table = pd.DataFrame(rows, columns=SCAN_COLUMNS).sort_values(["role", "scan_id", "image_path"])
+        _write_csv(table, catalog_dir(root) / "scans.csv")
+        old_status = {r["image_path"]: r["status"] for r in old.to_dict("records")}
+        for r in table.to_dict("records"):
+            if r["status"] == "rejected":
+                report.rejected.append((r["image_path"], r["reason"]))
+                if old_status.get(r["image_path"]) != "rejected":
+                    report.newly_rejected.append(r["image_path"])
+    return report
+
+
+def _reject_duplicates(rows: list[dict[str, str]]) -> None:
+    """Same content under two names, or one scan id twice: keep the earliest-added, reject the rest."""
+    def order(r: dict[str, str]) -> tuple[str, str]:
+        return (r["added_at"] or "9999", r["image_path"])
+
+    by_hash: dict[str, dict[str, str]] = {}
+    by_id: dict[str, dict[str, str]] = {}
+    for r in sorted(rows, key=order):
+        if r["status"] != "ok":
+            continue
+        first = by_hash.get(r["image_hash"])
+        if first is not None:
+            r.update(status="rejected", reason=f"same content as {first['image_path']}")
+            continue
+        clash = by_id.get(r["scan_id"])
+        if clash is not None:
+            r.update(status="rejected",
+                     reason=f"scan id {r['scan_id']} is already used by {clash['image_path']}; rename one of them")
+            continue
+        by_hash[r["image_hash"]] = r
+        by_id[r["scan_id"]] = r
+
+
+# ---------------------------------------------------------------------------------------- queries
+def load_scans(root: Path) -> pd.DataFrame:
+    """The scan table (all rows, rejected included); empty if the root was never ingested."""
+    return _read_csv(catalog_dir(root) / "scans.csv", SCAN_COLUMNS)
+
+
+def usable_scans(root: Path, role: str | None = None) -> pd.DataFrame:
+    """Rows with status ok, optionally of one role, with ``shape`` and ``spacing`` parsed to tuples."""
+    df = load_scans(root)
+    df = df[df["status"] == "ok"]
+    if role is not None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; known: {', '.join(ROLES)}")
+        df = df[df["role"] == role]
+    df = df.copy()
+    df["shape"] = df["shape"].map(lambda s: tuple(int(v) for v in s.split("x")))
+    df["spacing"] = df["spacing"].map(lambda s: tuple(float(v) for v in s.split("x")))
+    return df.reset_index(drop=True)
+
+
+def catalog_hash(root: Path) -> str:
+    """A hash of what training sees: the usable scans' ids, roles and content hashes."""
+    df = load_scans(root)
+    df = df[df["status"] == "ok"].sort_values("scan_id")
+    h = hashlib.sha256()
+    for r in df[["scan_id", "role", "image_hash", "label_hash", "label_transform"]].itertuples(index=False):
+        h.update("|".join(r).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- folds
+def _folds_path(root: Path, n_folds: int, seed: int) -> Path:
+    return catalog_dir(root) / f"folds_k{n_folds}_seed{seed}.csv"
+
+
+def _seeded_key(seed: int, scan_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{scan_id}".encode()).hexdigest()
+
+
+def update_folds(root: Path, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Assign every usable labelled scan to one of ``n_folds`` folds and persist the split.
+
+    Existing assignments never change; new scans join the currently smallest folds, in an order
+    and with tie-breaks drawn from ``seed``; scans no longer usable leave the split.
+    """
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    labelled = usable_scans(root, "labelled")["scan_id"].tolist()
+    with _locked(root):
+        path = _folds_path(root, n_folds, seed)
+        stored = _read_csv(path, ["scan_id", "fold", "assigned_at"])
+        folds = stored[stored["scan_id"].isin(labelled)]
+        counts = np.bincount(folds["fold"].astype(int), minlength=n_folds) if len(folds) else np.zeros(n_folds, int)
+        fold_order = sorted(range(n_folds), key=lambda f: _seeded_key(seed, f"fold{f}"))
+        new_ids = sorted(set(labelled) - set(folds["scan_id"]), key=lambda s: _seeded_key(seed, s))
+        added = []
+        for scan_id in new_ids:
+            fold = min(fold_order, key=lambda f: counts[f])
+            counts[fold] += 1
+            added.append({"scan_id": scan_id, "fold": str(fold), "assigned_at": _now()})
+        if added or len(folds) != len(stored) or not path.exists():
+            folds = pd.concat([folds, pd.DataFrame(added)], ignore_index=True).sort_values("scan_id")
+            _write_csv(folds, path)
+    return _typed_folds(folds)
+
+
+def _typed_folds(folds: pd.DataFrame) -> pd.DataFrame:
+    out = folds[["scan_id", "fold", "assigned_at"]].astype({"scan_id": str, "fold": int, "assigned_at": str})
+    return out.sort_values("scan_id").reset_index(drop=True)
+
+
+def load_folds(root: Path, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
+    """The persisted split (scan_id, fold), without updating it."""
+    return _typed_folds(_read_csv(_folds_path(root, n_folds, seed), ["scan_id", "fold", "assigned_at"]))
+
+
+# ---------------------------------------------------------------------------------------- lineage
+def record_pseudo_labels(root: Path, rows: Iterable[dict]) -> pd.DataFrame:
+    """Add (or replace, per scan and round) pseudo-label lineage rows; returns the whole table."""
+    new = pd.DataFrame([{**{c: "" for c in PSEUDO_COLUMNS}, **_stringify(r)} for r in rows], columns=PSEUDO_COLUMNS)
+    with _locked(root):
+        path = catalog_dir(root) / "pseudo_labels.csv"
+        table = _read_csv(path, PSEUDO_COLUMNS)
+        if len(new):
+            keys = set(zip(new["scan_id"], new["round"]))
+            keep = [(s, r) not in keys for s, r in zip(table["scan_id"], table["round"])]
+            table = pd.concat([table[keep], new], ignore_index=True)
+            table = table.sort_values(["round", "scan_id"], key=_natural_round)
+            _write_csv(table, path)
+    return load_pseudo_labels(root)
+
+
+def _natural_round(col: pd.Series) -> pd.Series:
+    return col.astype(int) if col.name == "round" else col
+
+
+def _stringify(row: dict) -> dict[str, str]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (list, tuple, dict)):
+            out[k] = json.dumps(v)
+        elif isinstance(v, (bool, np.bool_)):
+            out[k] = "true" if v else "false"
+        elif isinstance(v, float):
+            out[k] = repr(v)
+        else:
+            out[k] = "" if v is None else str(v)
+    return out
+
+
+def load_pseudo_labels(root: Path, round_: int | None = None) -> pd.DataFrame:
+    """The lineage table with typed columns; optionally one round's rows."""
+    df = _read_csv(catalog_dir(root) / "pseudo_labels.csv", PSEUDO_COLUMNS)
+    if len(df):
+        df["round"] = df["round"].astype(int)
+        for c in ("agreement", "mean_probability", "volume_cv", "volume_ml"):
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+        df["selected"] = df["selected"].str.lower() == "true"
+    else:
+        df["round"] = df["round"].astype(int)
+        df["selected"] = df["selected"].astype(bool)
+    if round_ is not None:
+        df = df[df["round"] == round_]
+    return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------- display
+def describe(root: Path) -> str:
+    """Counts per role and status, pseudo-label rounds, and the rejected files with reasons."""
+    df = load_scans(root)
+    if not len(df):
+        return f"{root}: no catalog yet (run `viola ingest {root}`)"
+    lines = [f"catalog of {Path(root).resolve()}  (hash {catalog_hash(root)})", "", "scans:"]
+    lines.append(f"  {'role':<12}{'ok':>6}{'rejected':>10}")
+    for role in ROLES:
+        sub = df[df["role"] == role]
+        lines.append(f"  {role:<12}{(sub['status'] == 'ok').sum():>6}{(sub['status'] == 'rejected').sum():>10}")
+    pl = load_pseudo_labels(root)
+    lines += ["", "pseudo-label rounds:" if len(pl) else "pseudo-label rounds: none"]
+    for rnd, sub in pl.groupby("round"):
+        lines.append(
+            f"  round {rnd}: {len(sub)} scans, {int(sub['selected'].sum())} selected, "
+            f"mean agreement {sub['agreement'].mean():.3f}, rule: {sub['rule'].iloc[0]}"
+        )
+    rejected = df[df["status"] == "rejected"]
+    lines += ["", f"rejected files: {len(rejected)}"]
+    lines += [f"  {r.image_path}: {r.reason}" for r in rejected.itertuples()]
+    return "\n".join(lines)

@@ -1,0 +1,244 @@
+"""Reading and validating NIfTI scans and labels, content hashes, atomic writes.
+
+Every check turns a defect of real data into a ``ScanError`` with a one-line reason, so that the
+catalog can record it, show it and go on with the other files. Original files are only read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "ScanError",
+    "ScanInfo",
+    "file_sha256",
+    "read_image",
+    "read_label",
+    "check_label_matches",
+    "atomic_write",
+    "save_nifti_like",
+]
+
+log = logging.getLogger(__name__)
+
+_NIFTI1_SIZE, _NIFTI2_SIZE = 348, 540
+# HU sanity: a head CT has air (about -1000 HU, or padding below it) and bone (hundreds of HU)
+_AIR_HU, _BONE_HU = -500.0, 200.0
+
+
+class ScanError(ValueError):
+    """A file that cannot be used, with a one-line reason meant for people."""
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    """What the catalog records of a readable image."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # mm, pixdim[1:4]
+    orientation: str  # axis codes, e.g. "LPS"
+    affine: np.ndarray
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load a .nii / .nii.gz fully into memory, turning every low-level failure into a ScanError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ScanError(f"cannot read file: {e.strerror or e}") from None
+    if not raw:
+        raise ScanError("empty file")
+    gz = raw[:2] == b"\x1f\x8b"
+    if path.name.endswith(".gz") and not gz:
+        raise ScanError("named .nii.gz but not gzip-compressed")
+    if gz:
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise ScanError(f"truncated or corrupt gzip stream ({e})") from None
+    if len(raw) < _NIFTI1_SIZE:
+        raise ScanError(f"not a NIfTI file (only {len(raw)} bytes after decompression)")
+    sizeof_hdr = int.from_bytes(raw[:4], "little")
+    if sizeof_hdr not in (_NIFTI1_SIZE, _NIFTI2_SIZE) and int.from_bytes(raw[:4], "big") not in (
+        _NIFTI1_SIZE,
+        _NIFTI2_SIZE,
+    ):
+        raise ScanError("not a NIfTI file (bad header size field)")
+    try:
+        img = nib.Nifti1Image.from_stream(io.BytesIO(raw)) if sizeof_hdr != _NIFTI2_SIZE else (
+            nib.Nifti2Image.from_stream(io.BytesIO(raw))
+        )
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for broken headers and short data
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "bytes" in msg or "buffer" in msg or "size" in msg:
+            raise ScanError(f"truncated file: the header promises more voxels than the file holds ({msg})") from None
+        raise ScanError(f"unreadable NIfTI: {msg}") from None
+    return img, data
+
+
+def _squeeze_to_3d(data: np.ndarray) -> np.ndarray:
+    """Drop trailing singleton axes (a 3-D volume saved as X x Y x Z x 1); refuse anything else."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ScanError(f"expected a 3-D volume, got {data.ndim}-D with shape {tuple(data.shape)}")
+    if min(data.shape) < 1:
+        raise ScanError(f"empty volume with shape {tuple(data.shape)}")
+    return data
+
+
+def _info(img: nib.Nifti1Image, shape: tuple[int, ...]) -> ScanInfo:
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise ScanError("invalid affine (not finite or singular)")
+    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
+    if min(spacing) <= 0:
+        raise ScanError(f"invalid voxel spacing {spacing}")
+    codes = "".join(nib.aff2axcodes(affine))
+    return ScanInfo(shape=tuple(int(s) for s in shape[:3]), spacing=spacing, orientation=codes, affine=affine)
+
+
+def read_image(path: Path, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]:
+    """Load a CT image as float32 HU (X, Y, Z) with its geometry; ScanError with a reason if unusable.
+
+    Checks: NIfTI (gzip or not), complete, 3-D, finite, and (``check_hu``) intensities that look
+    like Hounsfield units: some air below -500 HU and some bone above 200 HU.
+    """
+    img, data = _load(path)
+    data = _squeeze_to_3d(data)
+    info = _info(img, data.shape)
+    if not np.issubdtype(data.dtype, np.number):
+        raise ScanError(f"non-numeric voxel type {data.dtype}")
+    image = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        n_bad = int(image.size - finite.sum())
+        raise ScanError(f"{n_bad} NaN or infinite voxel(s)")
+    if check_hu:
+        _check_hounsfield(image)
+    return image, info
+
+
+def _check_hounsfield(image: np.ndarray) -> None:
+    lo, hi = float(image.min()), float(image.max())
+    if lo == hi:
+        raise ScanError(f"all voxels are {lo:g}: an empty or blank image")
+    if lo >= 0 and hi <= 255:
+        raise ScanError(f"intensities {lo:g}..{hi:g} look like an 8-bit export, not Hounsfield units")
+    if lo >= 0 and hi <= 1.0 + 1e-6:
+        raise ScanError(f"intensities {lo:g}..{hi:g} look normalised to [0, 1], not Hounsfield units")
+    if lo >= 0:
+        raise ScanError(
+            f"intensities {lo:g}..{hi:g} have no air (< {_AIR_HU:g} HU): raw CT numbers without the "
+            "rescale intercept (e.g. -1024), not Hounsfield units"
+        )
+    p_air = float(np.mean(image < _AIR_HU))
+    if p_air < 1e-3:
+        raise ScanError(f"no air below {_AIR_HU:g} HU (min {lo:g}): intensities do not look like Hounsfield units")
+    if hi < _BONE_HU:
+        raise ScanError(f"no bone above {_BONE_HU:g} HU (max {hi:g}): intensities do not look like Hounsfield units")
+
+
+def read_label(path: Path, binarize: bool = False) -> tuple[np.ndarray, ScanInfo]:
+    """Load a label as uint8 {0, 1}; ScanError with a reason for anything else.
+
+    0/255 masks and multi-class labels are refused with a reason naming their values, unless
+    ``binarize`` is set, which maps every non-zero value to 1 (in memory; files are never changed).
+    """
+    img, data = _load(path)
+    data = _squeeze_to_3d(data)
+    info = _info(img, data.shape)
+    arr = np.asarray(data)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ScanError(f"non-numeric label type {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ScanError("label has NaN or infinite values")
+        if not np.all(arr == np.round(arr)):
+            raise ScanError("label has non-integer values (a probability map?); expected a binary mask {0, 1}")
+    values = np.unique(arr)
+    if values.size > 64:
+        raise ScanError(f"label has {values.size} distinct values; expected a binary mask {{0, 1}}")
+    vals = [int(v) for v in values]
+    if set(vals) <= {0, 1}:
+        return arr.astype(np.uint8, copy=False), info
+    if binarize:
+        return (arr != 0).astype(np.uint8), info
+    shown = ", ".join(str(v) for v in vals[:8]) + (", ..." if len(vals) > 8 else "")
+    if set(vals) <= {0, 255}:
+        hint = "a 0/255 mask"
+    elif any(v < 0 for v in vals):
+        hint = "negative values"
+    else:
+        hint = "a multi-class label"
+    raise ScanError(f"label values {{{shown}}} ({hint}); expected {{0, 1}}: ingest with --binarize-labels to map non-zero to 1")
+
+
+def check_label_matches(image: ScanInfo, label: ScanInfo, tol_mm: float = 1e-3) -> None:
+    """Refuse a label whose grid differs from its image's (shape or affine)."""
+    if image.shape != label.shape:
+        raise ScanError(f"label shape {label.shape} differs from the image's {image.shape}")
+    diff = float(np.max(np.abs(image.affine - label.affine)))
+    if diff > tol_mm:
+        raise ScanError(f"label affine differs from the image's (max difference {diff:.4g} mm)")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    Readers never see a half-written file, and a crash leaves only a stray temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_nifti_like(array: np.ndarray, reference: Path | nib.Nifti1Image, path: Path) -> None:
+    """Write ``array`` atomically as NIfTI with the header and affine of ``reference``.
+
+    The data type comes from ``array`` (e.g. uint8 masks); scaling is reset so values are stored
+    as they are.
+    """
+    ref = nib.load(str(reference)) if isinstance(reference, (str, Path)) else reference
+    header = ref.header.copy()
+    header.set_data_dtype(array.dtype)
+    out = nib.Nifti1Image(np.asarray(array), ref.affine, header)
+    out.header.set_slope_inter(1, 0)
+    out.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+    out.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+
+    def write(tmp: Path) -> None:
+        nib.save(out, str(tmp))
+
+    atomic_write(Path(path), write)
