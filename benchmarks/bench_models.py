@@ -100,7 +100,6 @@ def bench_one(name: str, device: str, precision: str, shape: tuple[int, ...], re
     # the predictor's path: batch norm folded, and on CUDA replayed as a CUDA graph
     fast = as_predictor(model, torch.device(device), torch.bfloat16 if precision == "bf16" else None)
     fwd_fast = _timed(lambda: fast(x1), device, repeats, warm)
-    del fast
     model.train()
     step = _timed(train_step, device, max(3, repeats // 2), warm)
     if device == "cuda":

@@ -43,15 +43,15 @@ __all__ = [
     "CatalogBusyError",
     "IngestReport",
     "catalog_dir",
-    "ingest",
-    "load_scans",
-    "usable_scans",
-    "update_folds",
-    "load_folds",
-    "record_pseudo_labels",
-    "load_pseudo_labels",
     "catalog_hash",
     "describe",
+    "ingest",
+    "load_folds",
+    "load_pseudo_labels",
+    "load_scans",
+    "record_pseudo_labels",
+    "update_folds",
+    "usable_scans",
 ]
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def ingest(
             log.info("reading %d new or changed file(s) with %d worker(s)", len(to_check), n_workers)
             with ThreadPoolExecutor(max_workers=n_workers) as pool:
                 list(pool.map(hash_and_validate, to_check))
-        for row, cand, _ in to_check:
+        for _, cand, _ in to_check:
             kind = item_kind[cand.image]
             if kind == "unchanged":
                 report.unchanged += 1

@@ -34,12 +34,12 @@ __all__ = [
     "PREPROCESS_VERSION",
     "PreprocessSettings",
     "PreprocessedCase",
-    "preprocess_arrays",
-    "preprocess_scan",
     "cache_key",
     "cached_preprocess",
-    "load_preprocessed",
     "invert_to_native",
+    "load_preprocessed",
+    "preprocess_arrays",
+    "preprocess_scan",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,9 @@ def preprocess_scan(
     return preprocess_arrays(image, info.affine, label, settings)
 
 
-def cache_key(image_hash: str, label_hash: str | None, settings: PreprocessSettings, binarize_label: bool = False) -> str:
+def cache_key(
+    image_hash: str, label_hash: str | None, settings: PreprocessSettings, binarize_label: bool = False
+) -> str:
     """Content address of a preprocessed case: input hashes, settings and code version."""
     payload = json.dumps(
         {"image": image_hash, "label": label_hash or "", "binarize": bool(binarize_label),

@@ -23,11 +23,11 @@ import numpy as np
 __all__ = [
     "ScanError",
     "ScanInfo",
+    "atomic_write",
+    "check_label_matches",
     "file_sha256",
     "read_image",
     "read_label",
-    "check_label_matches",
-    "atomic_write",
     "save_nifti_like",
 ]
 
@@ -195,7 +195,9 @@ def read_label(path: Path, binarize: bool = False) -> tuple[np.ndarray, ScanInfo
         hint = "negative values"
     else:
         hint = "a multi-class label"
-    raise ScanError(f"label values {{{shown}}} ({hint}); expected {{0, 1}}: ingest with --binarize-labels to map non-zero to 1")
+    raise ScanError(
+        f"label values {{{shown}}} ({hint}); expected {{0, 1}}: ingest with --binarize-labels to map non-zero to 1"
+    )
 
 
 def check_label_matches(image: ScanInfo, label: ScanInfo, tol_mm: float = 1e-3) -> None:

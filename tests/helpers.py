@@ -27,7 +27,8 @@ def head_volume(shape=(48, 48, 12), spacing=(4.0, 4.0, 5.0), codes="LPS", seed=0
     as (x, y, z, radius). Returns (image float32 HU, label uint8, affine)."""
     rng = np.random.default_rng(seed)
     aff = oriented_affine(codes, spacing, shape)
-    axes = [np.arange(n, dtype=np.float32).reshape([-1 if j == i else 1 for j in range(3)]) for i, n in enumerate(shape)]
+    axes = [np.arange(n, dtype=np.float32).reshape([-1 if j == i else 1 for j in range(3)])
+            for i, n in enumerate(shape)]
     # world coordinate k of every voxel, by broadcasting (no (N, 3) index array)
     world = [sum(np.float32(aff[k, j]) * axes[j] for j in range(3)) + np.float32(aff[k, 3]) for k in range(3)]
     extent = np.abs(aff[:3, :3] @ (np.asarray(shape) / 2.0))  # half field of view per world axis

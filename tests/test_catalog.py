@@ -69,7 +69,7 @@ def test_rescan_is_incremental(root, monkeypatch):
     assert again.new == [] and again.changed == [] and again.unchanged == 9 and calls == []
 
     # a changed file, a new one, a removed one
-    img, lab, aff = head_volume(seed=99)
+    img, _, aff = head_volume(seed=99)
     write_nifti(root / "unlabelled" / "u00.nii.gz", img, aff, np.int16)
     write_case(root, "unlabelled", "u09", seed=42)
     (root / "test" / "data" / "t01.nii.gz").unlink()

@@ -85,7 +85,7 @@ def test_settings_are_validated():
         pp.PreprocessSettings(windows=((100, 0),))
     with pytest.raises(ValidationError, match="positive"):
         pp.PreprocessSettings(target_spacing=(1, 0, 5))
-    with pytest.raises(ValidationError, match="axis codes|one code of each pair"):
+    with pytest.raises(ValidationError, match="one code of each pair"):
         pp.PreprocessSettings(orientation="RRS")
     with pytest.raises(ValidationError):
         pp.PreprocessSettings(colour="violet")

@@ -18,7 +18,7 @@ from torch import nn
 
 from viola_models.viola_unet import NNUNetR, ViolaUNet
 
-__all__ = ["MODEL_CONFIGS", "build_model", "model_config", "count_parameters"]
+__all__ = ["MODEL_CONFIGS", "build_from_config", "build_model", "count_parameters", "model_config"]
 
 
 def _k(spec: str) -> list[list[int]]:
@@ -135,6 +135,18 @@ def build_model(name: str, **overrides: Any) -> nn.Module:
     ``build_model("viola_tiny", dropout=0.1, deep_supervision=False)``."""
     cfg = model_config(name, **overrides)
     arch = cfg.pop("arch")
+    return _ARCHS[arch](**cfg)
+
+
+def build_from_config(config: dict[str, Any]) -> nn.Module:
+    """Instantiate a full configuration as returned by :func:`model_config` (as stored in checkpoints)."""
+    cfg = copy.deepcopy(dict(config))
+    arch = cfg.pop("arch", None)
+    if arch not in _ARCHS:
+        raise ValueError(f"configuration has unknown arch {arch!r}; known: {', '.join(_ARCHS)}")
+    for key in ("norm_name", "act_name"):  # JSON turns tuples into lists
+        if isinstance(cfg.get(key), list):
+            cfg[key] = tuple(cfg[key])
     return _ARCHS[arch](**cfg)
 
 

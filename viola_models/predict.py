@@ -1,0 +1,205 @@
+"""Sliding-window prediction of one network or an ensemble, and the ensemble's confidence scores.
+
+One code path serves validation during training, pseudo-labelling and ``viola predict``:
+windows of the training patch size (the viola attention normalises over the whole patch, so the
+ROI must be the patch it was trained on), Gaussian blending, optional flip test-time augmentation,
+softmax probabilities averaged over members.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from viola_models.configs import build_from_config
+from viola_models.inference import as_predictor
+
+__all__ = [
+    "EnsembleOutput",
+    "MemberCheckpoint",
+    "confidence_scores",
+    "load_ensemble_manifest",
+    "load_member",
+    "pairwise_dice",
+    "predict_ensemble",
+    "sliding_window_probability",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemberCheckpoint:
+    """What a trained member's checkpoint says about itself (``best.pt`` written by training)."""
+
+    path: Path
+    name: str  # e.g. "viola_small-fold0"
+    model_name: str
+    model_config: dict
+    patch_size: tuple[int, int, int]
+    val_dice: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable: {e}") from None
+
+
+def load_member(path: Path) -> tuple[nn.Module, MemberCheckpoint]:
+    """Rebuild a trained network from its checkpoint alone (configuration travels with the weights)."""
+    ck = _read_checkpoint(Path(path))
+    for key in ("model_name", "model_config", "state_dict", "patch_size"):
+        if key not in ck:
+            raise ValueError(f"checkpoint {path} lacks {key!r}: not a viola-ich member checkpoint")
+    cfg = json.loads(ck["model_config"]) if isinstance(ck["model_config"], str) else dict(ck["model_config"])
+    model = build_from_config(cfg)
+    model.load_state_dict(ck["state_dict"])
+    meta = MemberCheckpoint(
+        path=Path(path),
+        name=str(ck.get("member", Path(path).parent.name)),
+        model_name=ck["model_name"],
+        model_config=cfg,
+        patch_size=tuple(int(v) for v in ck["patch_size"]),
+        val_dice=float(ck.get("val_dice", float("nan"))),
+        extra={k: ck[k] for k in ("step", "fold", "round") if k in ck},
+    )
+    return model.eval(), meta
+
+
+def load_ensemble_manifest(folder: Path) -> list[Path]:
+    """Member checkpoint paths listed by ``ensemble.json`` in ``folder`` (or every ``*/best.pt``)."""
+    folder = Path(folder)
+    manifest = folder / "ensemble.json"
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        paths = [folder / m["checkpoint"] for m in data["members"]]
+    else:
+        paths = sorted(folder.glob("*/best.pt")) or sorted(folder.glob("*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"no member checkpoints in {folder} (expected ensemble.json or */best.pt)")
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"ensemble in {folder} lists missing checkpoint(s): {', '.join(map(str, missing))}")
+    return paths
+
+
+_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))  # identity and one flip per spatial axis
+
+
+def sliding_window_probability(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    tta: bool = False,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Foreground probability (X, Y, Z) of one network on a (C, X, Y, Z) preprocessed image.
+
+    Gaussian-blended windows of ``patch_size`` (the training patch); with ``tta``, the mean over
+    the identity and the three single-axis flips. Softmax over the network's two classes.
+    """
+    device = device or image.device
+    x = image.unsqueeze(0).to(device)
+    total = None
+    flips = _FLIPS if tta else _FLIPS[:1]
+    for dims in flips:
+        xi = torch.flip(x, dims) if dims else x
+        logits = sliding_window_inference(
+            xi, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size, predictor=predictor,
+            overlap=overlap, mode="gaussian",
+        )
+        prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
+        prob = torch.flip(prob, dims) if dims else prob
+        total = prob if total is None else total + prob
+    return (total / len(flips))[0, 0]
+
+
+@dataclass
+class EnsembleOutput:
+    """Per-member and mean foreground probabilities on the preprocessed grid (X, Y, Z)."""
+
+    member_probs: torch.Tensor  # (M, X, Y, Z)
+    mean_prob: torch.Tensor  # (X, Y, Z)
+    member_names: list[str]
+
+
+def predict_ensemble(
+    members: Sequence[tuple[nn.Module, MemberCheckpoint]],
+    image: np.ndarray | torch.Tensor,
+    overlap: float = 0.5,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    sw_batch_size: int = 2,
+    predictors: list[Callable] | None = None,
+) -> EnsembleOutput:
+    """Every member on one preprocessed image (C, X, Y, Z), probabilities averaged.
+
+    ``predictors`` (from :func:`make_predictors`) reuse prepared networks across scans.
+    """
+    device = torch.device(device)
+    preds = predictors or make_predictors(members, device, amp)
+    img = torch.as_tensor(image, dtype=torch.float32)
+    probs = []
+    for pred, (_, meta) in zip(preds, members):
+        probs.append(sliding_window_probability(pred, img, meta.patch_size, overlap, sw_batch_size, tta, device).cpu())
+    stack = torch.stack(probs)
+    return EnsembleOutput(member_probs=stack, mean_prob=stack.mean(0), member_names=[m.name for _, m in members])
+
+
+def make_predictors(
+    members: Sequence[tuple[nn.Module, MemberCheckpoint]], device: torch.device, amp: bool = True
+) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Evaluation callables for the members on ``device`` (batch norm folded; CUDA graphs and
+    bf16 autocast on GPUs that support it)."""
+    dtype = torch.bfloat16 if amp and device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return [as_predictor(model, device, dtype) for model, _ in members]
+
+
+def pairwise_dice(masks: torch.Tensor) -> float:
+    """Mean Dice over all pairs of the (M, ...) boolean masks; 1.0 when every pair is empty."""
+    m = masks.reshape(masks.shape[0], -1).float()
+    if m.shape[0] < 2:
+        return 1.0
+    inter = m @ m.T
+    sizes = m.sum(1)
+    scores = []
+    for i, j in itertools.combinations(range(m.shape[0]), 2):
+        denom = sizes[i] + sizes[j]
+        scores.append(1.0 if denom == 0 else float(2 * inter[i, j] / denom))
+    return float(np.mean(scores))
+
+
+def confidence_scores(out: EnsembleOutput, voxel_volume_ml: float, threshold: float = 0.5) -> dict[str, float]:
+    """Scores that decide whether a pseudo-label is trusted (section "pseudo-labelling").
+
+    ``agreement``: mean pairwise Dice of the members' masks; ``mean_probability``: mean ensemble
+    probability inside the ensemble's lesion (1.0 when it finds none); ``volume_cv``: coefficient of
+    variation of the members' lesion volumes (0 when all find none); ``volume_ml`` on this grid.
+    """
+    masks = out.member_probs >= threshold
+    ens = out.mean_prob >= threshold
+    vols = masks.reshape(masks.shape[0], -1).sum(1).double() * voxel_volume_ml
+    mean_vol = float(vols.mean())
+    return {
+        "agreement": pairwise_dice(masks),
+        "mean_probability": float(out.mean_prob[ens].mean()) if ens.any() else 1.0,
+        "volume_cv": float(vols.std(unbiased=False) / mean_vol) if mean_vol > 0 else 0.0,
+        "volume_ml": float(ens.sum()) * voxel_volume_ml,
+    }

@@ -1,0 +1,381 @@
+"""Supervised training of one network on preprocessed cases (paper sections 3.3 and 3.4).
+
+Functions, not a trainer class: ``make_loaders`` (data and the paper's nine augmentations),
+``train_step``, ``validate`` (sliding-window mean Dice) and ``fit`` (the loop: warm-up + cosine
+schedule, periodic validation, best checkpoint by mean Dice, atomic checkpoints, resume after a
+kill). Settings are one pydantic object; callbacks let the caller track progress (the pipeline's
+tasks log to MLflow through them) without this module knowing about it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceFocalLoss
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandZoomd,
+    SpatialPadd,
+)
+from monai.utils import set_determinism
+from pydantic import BaseModel, ConfigDict, Field
+
+from viola_models.configs import build_from_config, count_parameters, model_config
+from viola_models.predict import sliding_window_probability
+
+__all__ = [
+    "AugmentSettings",
+    "FitResult",
+    "TrainCallbacks",
+    "TrainSettings",
+    "deep_supervision_loss",
+    "fit",
+    "lr_at",
+    "make_loaders",
+    "validate",
+]
+
+log = logging.getLogger(__name__)
+
+
+class AugmentSettings(BaseModel):
+    """Probabilities and ranges of the paper's augmentations (section 3.4); 0 turns one off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zoom_prob: float = 0.15
+    zoom_range: tuple[float, float] = (0.9, 1.2)
+    noise_prob: float = 0.15
+    noise_std: float = 0.01
+    smooth_prob: float = 0.15
+    smooth_sigma: tuple[float, float] = (0.5, 1.15)
+    rotate90_prob: float = 0.1  # in-plane quarter turns (the patch is square in-plane, anisotropic in z)
+    shift_prob: float = 0.5
+    shift_offset: float = 0.1
+    scale_prob: float = 0.15
+    scale_factor: float = 0.3
+    flip_prob: float = 0.25  # per axis, independently
+    contrast_prob: float = 0.15
+    contrast_gamma: tuple[float, float] = (0.78, 1.25)
+
+
+class TrainSettings(BaseModel):
+    """One member's training; defaults are the paper's supervised round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "viola_l"
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    patch_size: tuple[int, int, int] = (160, 160, 16)
+    batch_size: int = 2
+    max_steps: int = 72_000
+    lr: float = 7e-3
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5  # nnU-Net's value; the paper does not state one
+    warmup_steps: int = 1_000
+    grad_clip: float | None = 12.0  # nnU-Net's gradient-norm clip, keeps momentum 0.99 stable
+    val_every: int = 200
+    val_overlap: float = 0.5
+    pos_neg_ratio: tuple[float, float] = (1.0, 1.0)
+    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a grad scaler
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainCallbacks:
+    """Hooks called by ``fit``; each receives plain numbers (step, metrics) or a path."""
+
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    on_validation: Callable[[int, float, bool], None] | None = None
+    on_checkpoint: Callable[[Path], None] | None = None
+
+
+@dataclass
+class FitResult:
+    best_dice: float
+    best_step: int
+    steps: int
+    best_checkpoint: Path
+    seconds: float
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["best_checkpoint"] = str(self.best_checkpoint)
+        return d
+
+
+def lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine annealing to 0 at ``max_steps``."""
+    if settings.warmup_steps > 0 and step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    span = max(1, settings.max_steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LoadPreprocessed(MapTransform):
+    """Loads a cached case (``data_catalog.preprocessing``) named by ``d["path"]``: image and label."""
+
+    def __init__(self) -> None:
+        super().__init__(keys=["path"])
+
+    def __call__(self, data: dict) -> dict:
+        with np.load(data["path"]) as z:
+            if "label" not in z.files:
+                raise ValueError(f"{data['path']} has no label: only labelled cases can be trained on")
+            return {**data, "image": np.asarray(z["image"], dtype=np.float32),
+                    "label": np.asarray(z["label"], dtype=np.float32)}
+
+
+def _augmentations(settings: TrainSettings) -> list:
+    a, keys = settings.augment, ["image", "label"]
+    pos, neg = settings.pos_neg_ratio
+    return [
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=settings.patch_size, pos=pos, neg=neg,
+                               num_samples=1),
+        RandZoomd(keys, prob=a.zoom_prob, min_zoom=a.zoom_range[0], max_zoom=a.zoom_range[1],
+                  mode=("trilinear", "nearest"), keep_size=True),
+        RandGaussianNoised("image", prob=a.noise_prob, mean=0.0, std=a.noise_std),
+        RandGaussianSmoothd("image", prob=a.smooth_prob, sigma_x=a.smooth_sigma, sigma_y=a.smooth_sigma,
+                            sigma_z=a.smooth_sigma),
+        RandRotate90d(keys, prob=a.rotate90_prob, spatial_axes=(0, 1)),
+        RandShiftIntensityd("image", offsets=a.shift_offset, prob=a.shift_prob),
+        RandScaleIntensityd("image", factors=a.scale_factor, prob=a.scale_prob),
+        *[RandFlipd(keys, prob=a.flip_prob, spatial_axis=ax) for ax in range(3)],
+        RandAdjustContrastd("image", prob=a.contrast_prob, gamma=a.contrast_gamma),
+    ]
+
+
+def make_loaders(train_items: Sequence[Path], settings: TrainSettings, seed: int | None = None) -> DataLoader:
+    """A loader of augmented patches from the cached cases (all held in memory), seeded."""
+    seed = settings.seed if seed is None else seed
+    base = [LoadPreprocessed(), SpatialPadd(["image", "label"], spatial_size=settings.patch_size)]
+    transform = Compose(base + _augmentations(settings))
+    transform.set_random_state(seed=seed)
+    ds = CacheDataset(data=[{"path": str(p)} for p in train_items], transform=transform, cache_rate=1.0,
+                      num_workers=0, progress=False)
+    return DataLoader(ds, batch_size=settings.batch_size, shuffle=True, num_workers=settings.num_workers,
+                      drop_last=len(train_items) >= settings.batch_size,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def deep_supervision_loss(output: torch.Tensor, label: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+    """Dice + focal on the main output and each head, weights 1, 1/2, 1/4, ... normalised.
+
+    ``output``: (B, 1 + n, C, X, Y, Z) in training mode with deep supervision, else (B, C, X, Y, Z).
+    """
+    heads = torch.unbind(output, dim=1) if output.dim() == label.dim() + 1 else (output,)
+    weights = [0.5**i for i in range(len(heads))]
+    total = sum(w * loss_fn(h.float(), label) for w, h in zip(weights, heads))
+    return total / sum(weights)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val_items: Sequence[Path], settings: TrainSettings,
+             device: torch.device) -> float:
+    """Mean Dice of the foreground over the validation cases (sliding window at the patch size).
+
+    A case where both prediction and label are empty scores 1.
+    """
+    if not val_items:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    amp_dtype = _amp_dtype(settings, device)
+    scores = []
+    for path in val_items:
+        with np.load(path) as z:
+            image = torch.as_tensor(z["image"], dtype=torch.float32)
+            label = torch.as_tensor(z["label"][0] > 0)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            prob = sliding_window_probability(model, image, settings.patch_size, settings.val_overlap,
+                                              device=device).cpu()
+        pred = prob >= 0.5
+        denom = int(pred.sum() + label.sum())
+        scores.append(1.0 if denom == 0 else 2.0 * float((pred & label).sum()) / denom)
+    model.train(was_training)
+    return float(np.mean(scores))
+
+
+def _amp_dtype(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
+    if not settings.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def fit(
+    train_items: Sequence[Path],
+    val_items: Sequence[Path],
+    settings: TrainSettings,
+    out_dir: Path,
+    init_weights: Path | None = None,
+    callbacks: TrainCallbacks | None = None,
+    device: torch.device | str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train one network; idempotent and resumable in ``out_dir``.
+
+    Writes ``last.pt`` (everything needed to resume) every ``val_every`` steps, ``best.pt`` (a
+    member checkpoint: configuration + weights, see ``viola_models.predict.load_member``) whenever
+    the validation Dice improves, and ``result.json`` when done; a finished ``out_dir`` with the
+    same settings returns its result without training. ``init_weights`` (a member checkpoint)
+    starts fine-tuning from another network's weights. ``meta`` is stored in ``best.pt``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cb = callbacks or TrainCallbacks()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    digest = settings.digest() + (f"-init:{Path(init_weights).resolve()}" if init_weights else "")
+    done_file = out_dir / "result.json"
+    if done_file.exists():
+        done = json.loads(done_file.read_text())
+        if done.get("digest") == digest:
+            log.info("%s: already trained (best Dice %.4f at step %d)", out_dir.name, done["best_dice"],
+                     done["best_step"])
+            return FitResult(**{k: v for k, v in done.items() if k != "digest"} | {
+                "best_checkpoint": out_dir / "best.pt"})
+        done_file.unlink()
+
+    set_determinism(seed=settings.seed)
+    cfg = model_config(settings.model, **settings.model_overrides)
+    model = build_from_config(cfg).to(device)
+    if init_weights:
+        ck = torch.load(init_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        log.info("%s: fine-tuning from %s", out_dir.name, init_weights)
+    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                          nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+    amp_dtype = _amp_dtype(settings, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    loss_fn = DiceFocalLoss(to_onehot_y=True, softmax=True)
+
+    step, best_dice, best_step, history = 0, -math.inf, -1, []
+    last = out_dir / "last.pt"
+    if last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if state.get("digest") == digest:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            step, best_dice, best_step = state["step"], state["best_dice"], state["best_step"]
+            history = state["history"]
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            log.info("%s: resuming at step %d (best Dice %.4f)", out_dir.name, step, best_dice)
+        else:
+            log.warning("%s: last.pt was written with other settings; starting again", out_dir.name)
+    resumed_from = step
+
+    # after a resume, a fresh augmentation stream for the remaining steps, reproducible from (seed, step)
+    loader = make_loaders(train_items, settings, seed=settings.seed + resumed_from)
+    batches = _batches(loader)
+    started = time.perf_counter()
+    window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
+    n_params = count_parameters(model)
+    log.info("%s: %s (%s parameters), %d training / %d validation cases, %d steps on %s",
+             out_dir.name, settings.model, f"{n_params:,}", len(train_items), len(val_items), settings.max_steps,
+             device)
+
+    def checkpoint() -> None:
+        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                      "step": step, "best_dice": best_dice, "best_step": best_step, "history": history,
+                      "rng": _rng_state(), "digest": digest}, last)
+
+    model.train()
+    while step < settings.max_steps:
+        batch = next(batches)
+        lr = lr_at(step, settings)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(image)
+        loss = deep_supervision_loss(out, label, loss_fn)
+        scaler.scale(loss).backward()
+        if settings.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        window_loss += float(loss.detach())
+        window_n += 1
+        if step % settings.log_every == 0 or step == settings.max_steps:
+            sec = (time.perf_counter() - window_t) / window_n
+            metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/sec_per_step": sec}
+            history.append({"step": step, **metrics})
+            log.info("%s: step %d/%d loss %.4f lr %.2e (%.2f s/step)", out_dir.name, step, settings.max_steps,
+                     metrics["train/loss"], lr, sec)
+            if cb.on_log:
+                cb.on_log(step, metrics)
+            window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
+        if step % settings.val_every == 0 or step == settings.max_steps:
+            dice = validate(model, val_items, settings, device)
+            # without validation cases the latest weights are the best we know
+            improved = math.isnan(dice) or dice > best_dice
+            if improved:
+                best_dice, best_step = dice, step
+                _save_atomic({"model_name": settings.model, "model_config": json.dumps(cfg),
+                              "state_dict": model.state_dict(), "patch_size": list(settings.patch_size),
+                              "val_dice": dice, "step": step, **(meta or {})}, out_dir / "best.pt")
+            history.append({"step": step, "val/dice": dice})
+            log.info("%s: step %d validation Dice %.4f%s", out_dir.name, step, dice, " (best)" if improved else "")
+            if cb.on_validation:
+                cb.on_validation(step, dice, improved)
+            checkpoint()
+            if cb.on_checkpoint:
+                cb.on_checkpoint(last)
+    result = FitResult(best_dice=best_dice, best_step=best_step, steps=step, best_checkpoint=out_dir / "best.pt",
+                       seconds=time.perf_counter() - started, resumed_from=resumed_from, history=history)
+    tmp = done_file.with_name(".result.json.tmp")
+    tmp.write_text(json.dumps(result.to_json() | {"digest": digest}, indent=1))
+    tmp.replace(done_file)
+    return result
