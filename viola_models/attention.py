@@ -92,7 +92,9 @@ class ViolaAttention(nn.Module):
     def __init__(self, channels: int, ddcm_dropout: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         if channels < 2 or channels % 2:
-            raise ValueError(f"ViolaAttention needs an even channel count >= 2 (GroupNorm with 2 groups), got {channels}")
+            raise ValueError(
+                f"ViolaAttention needs an even channel count >= 2 (GroupNorm with 2 groups), got {channels}"
+            )
         self.channels = channels
         self.eps = eps
         self.ddcm_dropout = ddcm_dropout

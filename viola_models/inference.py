@@ -16,7 +16,7 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
-__all__ = ["fold_batch_norm", "CUDAGraphForward"]
+__all__ = ["CUDAGraphForward", "fold_batch_norm"]
 
 log = logging.getLogger(__name__)
 

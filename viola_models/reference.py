@@ -18,7 +18,7 @@ import torch
 
 from viola_models.viola_unet import ViolaUNet
 
-__all__ = ["from_reference_config", "convert_reference_state_dict", "to_reference_state_dict"]
+__all__ = ["convert_reference_state_dict", "from_reference_config", "to_reference_state_dict"]
 
 _AXES = ("xconv", "yconv", "zconv")  # H, W, D branches in the authors' naming
 _ATT_KEY = re.compile(

@@ -29,7 +29,7 @@ from torch import nn
 
 from viola_models.attention import ViolaAttention
 
-__all__ = ["ViolaUNet", "ViolaUpBlock", "NNUNetR", "stride_divisor", "check_input_size"]
+__all__ = ["NNUNetR", "ViolaUNet", "ViolaUpBlock", "check_input_size", "stride_divisor"]
 
 
 def stride_divisor(strides: Sequence[Sequence[int] | int], spatial_dims: int = 3) -> tuple[int, ...]:
