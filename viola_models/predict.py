@@ -100,6 +100,7 @@ def load_ensemble_manifest(folder: Path) -> list[Path]:
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))  # identity and one flip per spatial axis
 
 
+@torch.no_grad()
 def sliding_window_probability(
     predictor: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,

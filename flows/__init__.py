@@ -1,0 +1,1 @@
+"""Prefect flows of the self-training pipeline and the `viola` command line."""

@@ -1,0 +1,151 @@
+"""The `viola` command line: data, the main job, serving the deployments, prediction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="viola-ICH: intracranial haemorrhage segmentation with viola-UNet and self-training.")
+
+_ENV_DEFAULTS = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # the ephemeral API starts in 10-17 s on 2 cores; Prefect's default 20 s is too tight
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "viola_models,data_catalog,tasks,flows",
+}
+
+
+def _setup(verbose: bool = False, flows: bool = False) -> None:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    level = logging.DEBUG if verbose else logging.INFO
+    for name in _ENV_DEFAULTS["PREFECT_LOGGING_EXTRA_LOGGERS"].split(","):
+        logging.getLogger(name).setLevel(level)
+    if not flows:  # inside flows, Prefect's handlers print (and record) the library loggers
+        logging.basicConfig(level=level, format="%(message)s")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+_KNOWN = (ValueError, FileNotFoundError, OSError)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="data root to write (INSTANCE 2022 layout)")],
+    labelled: Annotated[int, typer.Option(min=0)] = 4,
+    unlabelled: Annotated[int, typer.Option(min=0)] = 16,
+    test: Annotated[int, typer.Option(min=0)] = 8,
+    seed: int = 0,
+    size: Annotated[str, typer.Option(help="small (CPU) or full (512 x 512 at ~0.45 mm)")] = "small",
+) -> None:
+    """Generate synthetic head-CT phantoms with haemorrhage."""
+    _setup()
+    from data_catalog.phantoms import write_phantom_dataset
+
+    try:
+        summary = write_phantom_dataset(out, labelled=labelled, unlabelled=unlabelled, test=test, seed=seed,
+                                        size=size)
+    except _KNOWN as e:
+        _fail(str(e))
+    counts = {k: summary[k] for k in ("labelled", "unlabelled", "test") if k in summary}
+    typer.echo(f"wrote {counts or summary} to {out}")
+
+
+@app.command()
+def ingest(
+    data_root: Path,
+    binarize_labels: Annotated[bool, typer.Option(help="map non-zero label values to 1 (0/255, multi-class)")] = False,
+) -> None:
+    """Register or refresh the catalog of DATA_ROOT (only new or changed files are read)."""
+    _setup()
+    from data_catalog import catalog
+
+    try:
+        report = catalog.ingest(data_root, binarize_labels=binarize_labels)
+    except (*_KNOWN, catalog.CatalogBusyError) as e:
+        _fail(str(e))
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command("catalog")
+def show_catalog(data_root: Path) -> None:
+    """Counts per role, pseudo-label rounds, and rejected files with their reasons."""
+    _setup()
+    from data_catalog import catalog
+
+    if not data_root.is_dir():
+        _fail(f"data root {data_root} does not exist")
+    typer.echo(catalog.describe(data_root))
+
+
+@app.command()
+def run(
+    profile: Annotated[str, typer.Option(help="tiny, demo, paper, or the path of a profile .toml")] = "demo",
+    data: Annotated[Path | None, typer.Option(help="data root (default: the profile's)")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="how many rounds to run from the next one")] = 1,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
+) -> None:
+    """Run the next self-training round(s) in this process (Prefect's ephemeral API, no server)."""
+    _setup(flows=True)
+    from flows.profiles import ProfileError, load_profile
+
+    try:
+        load_profile(profile, data)  # fail fast, before Prefect starts, on a bad profile
+    except ProfileError as e:
+        _fail(str(e))
+    from flows.self_training import self_training
+
+    try:
+        results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
+                                tracking_uri=tracking_uri)
+    except _KNOWN as e:
+        _fail(str(e), code=1)
+    for res in results:
+        typer.echo(res["summary"])
+
+
+@app.command()
+def serve(
+    profile: Annotated[str, typer.Option(help="tiny, demo, paper, or the path of a profile .toml")] = "demo",
+    data: Annotated[Path | None, typer.Option(help="data root (default: the profile's)")] = None,
+    cron: Annotated[str | None, typer.Option(help="schedule of rounds (default: the profile's)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
+) -> None:
+    """Serve the deployments self-training/round and watch-unlabelled/watch (needs a Prefect server)."""
+    _setup(flows=True)
+    from flows.profiles import ProfileError, load_profile
+
+    try:
+        load_profile(profile, data)
+    except ProfileError as e:
+        _fail(str(e))
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            _fail("serving needs a Prefect server: start one (`prefect server start --host 127.0.0.1`) and set "
+                  "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from flows.serve import serve_deployments
+
+    serve_deployments(profile, str(data) if data else None, cron, tracking_uri)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,145 @@
+"""Pipeline settings: one validated object per stage, loaded from a profile file (TOML).
+
+Profiles shipped with the package live in ``flows/profiles/`` (``tiny``, ``demo``, ``paper``);
+``--profile`` also takes a path to a user's own copy. Relative paths inside a profile are
+resolved against the current directory once, here, at the edge.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_catalog.preprocessing import PreprocessSettings
+from data_catalog.selection import SelectionRule
+from viola_models.training import TrainSettings
+
+__all__ = ["PipelineSettings", "ProfileError", "load_profile", "profile_names"]
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used, with a one-line reason."""
+
+
+class SynthSettings(BaseModel):
+    """Phantoms generated into the data root when it holds no scans (the embedded default data)."""
+
+    model_config = ConfigDict(extra="forbid")
+    labelled: int = 4
+    unlabelled: int = 16
+    test: int = 8
+    seed: int = 0
+    size: str = "small"
+
+
+class DataSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: Path = Path("data/demo")
+    synth: SynthSettings | None = None  # None: never generate, the root must hold scans
+    binarize_labels: bool = False
+    n_folds: int = Field(5, ge=2)
+    fold_seed: int = 0
+
+
+class MembersSettings(BaseModel):
+    """Which networks form a round's ensemble: every architecture on every listed fold."""
+
+    model_config = ConfigDict(extra="forbid")
+    architectures: list[str] = Field(default_factory=lambda: ["viola_l", "nnunet_r"])
+    folds: list[int] | None = None  # None: all folds
+
+
+class PseudoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overlap: float = Field(0.5, ge=0, lt=1)
+    tta: bool = False
+    rule: SelectionRule = Field(default_factory=SelectionRule)
+    overlays: int = 4  # PNG overlays logged for this many selected and this many rejected scans
+
+
+class EvaluateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overlap: float = Field(0.5, ge=0, lt=1)
+    tta: bool = False
+    nsd_tolerance_mm: float = 0.42
+
+
+class TrackingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    experiment: str = "self-training"
+    registered_model: str = "viola-ich-ensemble"
+
+
+class ScheduleSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cron: str = "0 2 * * *"  # a round every night at 02:00
+    watch_interval_s: int = 300  # how often the watcher looks for new unlabelled scans
+
+
+class PipelineSettings(BaseModel):
+    """Everything one self-training round needs."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "custom"
+    data: DataSettings = Field(default_factory=DataSettings)
+    preprocess: PreprocessSettings = Field(default_factory=PreprocessSettings)
+    members: MembersSettings = Field(default_factory=MembersSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    finetune: dict[str, Any] = Field(default_factory=dict)  # TrainSettings fields changed for rounds >= 1
+    pseudo: PseudoSettings = Field(default_factory=PseudoSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    device: str = "auto"  # auto: CUDA when present
+
+    def train_settings(self, round_: int, architecture: str, fold: int) -> TrainSettings:
+        """The training settings of one member: round 0 supervised, later rounds fine-tuning."""
+        base = self.train.model_dump()
+        if round_ >= 1:
+            base.update(self.finetune)
+        base.update(model=architecture, seed=self.train.seed + 1000 * round_ + 10 * fold)
+        return TrainSettings.model_validate(base)
+
+    @property
+    def work_dir(self) -> Path:
+        """Pipeline outputs beside the data: preprocessing cache, rounds, pseudo-labels."""
+        return self.data.root / "viola_work"
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(profile: str | Path, data_root: str | Path | None = None) -> PipelineSettings:
+    """Load a shipped profile by name, or a TOML file by path; ``data_root`` overrides ``data.root``."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{profile}.toml"
+        if not path.exists():
+            raise ProfileError(f"unknown profile {profile!r}; shipped profiles: {', '.join(profile_names())}, "
+                               "or give the path of a .toml file")
+    if not path.exists():
+        raise ProfileError(f"profile file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"profile {path}: not valid TOML ({e})") from None
+    raw.setdefault("name", path.stem)
+    if data_root is not None:
+        raw.setdefault("data", {})["root"] = str(data_root)
+    try:
+        settings = PipelineSettings.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProfileError(f"profile {path}: {where}: {first['msg']} ({e.error_count()} error(s) in all)") from None
+    settings.data.root = settings.data.root.expanduser().resolve()
+    folds = settings.members.folds
+    if folds is not None and any(f < 0 or f >= settings.data.n_folds for f in folds):
+        raise ProfileError(f"profile {path}: members.folds {folds} outside 0..{settings.data.n_folds - 1}")
+    return settings

@@ -1,0 +1,148 @@
+"""MLflow bookkeeping shared by the tasks: explicit run ids through ``MlflowClient``.
+
+Prefect may run tasks in worker threads, and MLflow's fluent "active run" is per thread, so every
+call here names its run. Child runs carry ``mlflow.parentRunId`` (the MLflow UI nests them).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+__all__ = [
+    "client_for",
+    "code_version",
+    "create_run",
+    "default_tracking_uri",
+    "experiment_id",
+    "log_metrics",
+    "log_params",
+    "log_table",
+    "run_exists",
+]
+
+log = logging.getLogger(__name__)
+_MAX_PARAM = 6000
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``mlruns/mlflow.db`` under ``cwd``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    store = (cwd or Path.cwd()).resolve() / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def client_for(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store (``mlruns/``); None lets the server decide."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent.resolve().as_uri()
+    return None
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root = _artifact_root(client.tracking_uri)
+    location = f"{root}/{name}" if root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def create_run(client: MlflowClient, exp_id: str, name: str, tags: Mapping[str, Any],
+               parent_run_id: str | None = None) -> str:
+    all_tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in tags.items()}}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def run_exists(client: MlflowClient, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        text = json.dumps(value, default=str) if isinstance(value, (list, tuple)) else str(value)
+        out[prefix] = text[:_MAX_PARAM]
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Nested settings as dotted MLflow params (``train.lr``); values already logged are skipped."""
+    flat: dict[str, str] = {}
+    _flatten("", params, flat)
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, v) for k, v in flat.items() if k not in existing]
+    for i in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[i : i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_table(client: MlflowClient, run_id: str, df: pd.DataFrame, name: str) -> None:
+    """A table as a CSV artifact (opens in the MLflow UI's artifact view)."""
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    client.log_text(run_id, buf.getvalue(), name)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Package version, plus the git commit (and '-dirty') when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("viola-ich")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"{ver}+g{commit}{'-dirty' if dirty else ''}" if commit else ver

@@ -1,0 +1,137 @@
+"""The self-training flow end to end (tiny profile) under Prefect's test harness, with a temporary
+MLflow store: runs, tags, artifacts, lineage, the registered model, and resume after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from data_catalog import catalog
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _uri(tmp: Path) -> str:
+    return f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+
+
+def _runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, "kind": r.data.tags.get("viola.kind"),
+                          "round": r.data.tags.get("viola.round"), "parent": r.data.tags.get("mlflow.parentRunId"),
+                          "tags": r.data.tags, "metrics": r.data.metrics, "params": r.data.params} for r in runs])
+
+
+def test_two_rounds_end_to_end(tmp_path):
+    from flows.self_training import self_training
+
+    (tmp_path / "mlruns").mkdir()
+    root = tmp_path / "data"
+    uri = _uri(tmp_path)
+    summaries = self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=uri)
+    assert [s["round"] for s in summaries] == [0, 1]
+
+    client = MlflowClient(uri)
+    runs = _runs(client, "self-training-tiny")
+    parents = runs[runs.kind == "round"].set_index("round")
+    members = runs[runs.kind == "member"]
+    assert sorted(parents.index) == ["0", "1"] and (parents.status == "FINISHED").all()
+    r0, r1 = parents.loc["0"], parents.loc["1"]
+    assert r1.tags["viola.previous_round_run_id"] == r0.run_id and r0.tags["viola.previous_round_run_id"] == ""
+    for tag in ("viola.catalog_hash", "viola.code_version", "viola.prefect_flow_run_id",
+                "viola.pseudo_label_set_hash"):
+        assert r0.tags[tag] and r1.tags[tag], tag
+    assert r0.tags["viola.catalog_hash"] == catalog.catalog_hash(root)
+    # a child run per fold and architecture, nested under its round, with the training curve
+    assert len(members) == 4 and set(members.parent) == {r0.run_id, r1.run_id}
+    for m in members.itertuples():
+        assert m.params["train.model"] in ("viola_tiny", "nnunet_tiny") and m.params["fold"] == "0"
+        assert {"val/best_dice", "train/loss", "train/lr", "val/dice"} <= set(m.metrics)
+        assert [a.path for a in client.list_artifacts(m.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+        history = client.get_metric_history(m.run_id, "train/loss")
+        assert len(history) >= 2 and len({h.step for h in history}) == len(history)
+    # fine-tuning members start from round 0's weights and never validate on pseudo-labels
+    tuned = members[members.parent == r1.run_id]
+    assert all(p["init_weights"].endswith("best.pt") for p in tuned.params)
+    n_fold0 = sum(1 for f in catalog.load_folds(root, 2, 0).fold if f == 0)
+    assert {p["n_val"] for p in members.params} == {str(n_fold0)}
+    assert {int(p["n_train"]) for p in tuned.params} == {4 - n_fold0 + summaries[1]["n_pseudo_selected"]}
+
+    # round metrics line up in the compare view
+    for key in ("test/dsc", "test/hd", "test/nsd", "test/rvd", "members/mean_val_dice", "round/seconds"):
+        assert key in r0.metrics and key in r1.metrics, key
+    assert {"pseudo/n_selected", "pseudo/mean_agreement", "pseudo/n_candidates"} <= set(r1.metrics)
+    arts0 = {a.path for a in client.list_artifacts(r0.run_id, "test")}
+    assert arts0 == {"test/per_case.csv"}
+    per_case = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r0.run_id, artifact_path="test/per_case.csv",
+                                                               tracking_uri=uri))
+    assert len(per_case) == 2 and {"scan_id", "dsc", "hd", "nsd", "rvd", "gt_volume_ml"} <= set(per_case.columns)
+    pseudo_arts = {a.path for a in client.list_artifacts(r1.run_id, "pseudo")}
+    assert "pseudo/pseudo_labels.csv" in pseudo_arts and "pseudo/overlays" in pseudo_arts
+    overlays = [a.path for a in client.list_artifacts(r1.run_id, "pseudo/overlays/selected")]
+    assert overlays and all(p.endswith(".png") for p in overlays)
+
+    # lineage: every unlabelled scan has a row for round 1, made by round 0's ensemble
+    lineage = catalog.load_pseudo_labels(root, 1)
+    unlabelled = set(catalog.usable_scans(root, "unlabelled").scan_id)
+    assert set(lineage.scan_id) == unlabelled
+    assert set(lineage.teacher_run_id) == {r0.run_id}
+    assert lineage.selected.sum() == summaries[1]["n_pseudo_selected"] >= 1
+    assert all(json.loads(m) == ["viola_tiny-fold0", "nnunet_tiny-fold0"] for m in lineage.members)
+    assert all((root / p).exists() for p in lineage.mask_path)
+    assert lineage.rule.nunique() == 1 and "agreement>=" in lineage.rule.iloc[0]
+
+    # the registered model: one version per round, champion on the better (or equal) test DSC
+    versions = sorted(client.search_model_versions("name='viola-ich-tiny'"), key=lambda v: int(v.version))
+    assert [v.run_id for v in versions] == [r0.run_id, r1.run_id]
+    champion = client.get_model_version_by_alias("viola-ich-tiny", "champion")
+    dsc = {str(v.version): float(v.tags["test_dsc"]) for v in versions}
+    assert str(champion.version) == ("2" if dsc["2"] >= dsc["1"] else "1")
+    ens = Path(mlflow.artifacts.download_artifacts("models:/viola-ich-tiny@champion", tracking_uri=uri))
+    manifest = json.loads((ens / "ensemble.json").read_text())
+    assert len(manifest["members"]) == 2 and all((ens / m["checkpoint"]).exists() for m in manifest["members"])
+    assert manifest["preprocess"]["target_spacing"] == [3.6, 3.6, 10.0]
+
+
+def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monkeypatch):
+    import tasks.training
+    from flows.self_training import self_training
+
+    (tmp_path / "mlruns").mkdir()
+    root, uri = tmp_path / "data", _uri(tmp_path)
+    real_fit = tasks.training.fit
+    calls: list[str] = []
+
+    def crashing_fit(train, val, settings, out_dir, **kw):
+        calls.append(Path(out_dir).name)
+        if Path(out_dir).name == "nnunet_tiny-fold0" and calls.count("nnunet_tiny-fold0") == 1:
+            raise RuntimeError("simulated crash in the second member")
+        return real_fit(train, val, settings, out_dir, **kw)
+
+    monkeypatch.setattr(tasks.training, "fit", crashing_fit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)
+    state = json.loads((root / "viola_work" / "rounds" / "round_000" / "state.json").read_text())
+    assert state["status"] == "running"
+    done_viola = root / "viola_work" / "rounds" / "round_000" / "members" / "viola_tiny-fold0" / "result.json"
+    stamp = done_viola.stat().st_mtime_ns
+
+    summary = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)[0]
+    assert summary["round"] == 0 and summary["run_id"] == state["run_id"]
+    assert done_viola.stat().st_mtime_ns == stamp  # the finished member was reused, not retrained
+    runs = _runs(MlflowClient(uri), "self-training-tiny")
+    assert (runs.kind == "round").sum() == 1 and (runs.kind == "member").sum() == 2
+    assert set(runs.status) == {"FINISHED"}

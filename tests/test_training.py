@@ -1,0 +1,115 @@
+"""viola_models.training: schedule, loss, checkpoints, resume after a kill, reuse of finished work."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_catalog.preprocessing import PreprocessSettings, cached_preprocess
+from data_catalog.scans import file_sha256
+from tests.helpers import head_volume, write_nifti
+from viola_models.predict import load_member, pairwise_dice, sliding_window_probability
+from viola_models.training import TrainCallbacks, TrainSettings, deep_supervision_loss, fit, lr_at
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("cases")
+    settings = PreprocessSettings(target_spacing=(4.0, 4.0, 5.0))
+    out = []
+    for i in range(4):
+        img, lab, aff = head_volume(seed=i, lesions=((10 - 6 * i, 6, 0, 12.0),))
+        ip = write_nifti(tmp / f"i{i}.nii.gz", img, aff, np.int16)
+        lp = write_nifti(tmp / f"l{i}.nii.gz", lab, aff, np.uint8)
+        path, _ = cached_preprocess(tmp / "cache", ip, file_sha256(ip), settings, lp, file_sha256(lp))
+        out.append(path)
+    return out
+
+
+def _settings(**kw) -> TrainSettings:
+    base = dict(model="viola_tiny", patch_size=(32, 32, 8), max_steps=10, val_every=5, warmup_steps=3, lr=0.01,
+                log_every=5)
+    return TrainSettings(**(base | kw))
+
+
+def test_learning_rate_warms_up_then_anneals():
+    s = TrainSettings(lr=7e-3, warmup_steps=1000, max_steps=72_000)
+    assert lr_at(0, s) == pytest.approx(7e-6)
+    assert lr_at(499, s) == pytest.approx(3.5e-3)
+    assert lr_at(999, s) == pytest.approx(7e-3)
+    assert lr_at(1000, s) == pytest.approx(7e-3)
+    assert lr_at(1000 + 35_500, s) == pytest.approx(3.5e-3)
+    assert lr_at(72_000, s) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_at(a, s) >= lr_at(a + 1000, s) for a in range(1000, 71_000, 5000))
+
+
+def test_deep_supervision_loss_weights_heads():
+    loss_fn = lambda out, lab: out.mean() * 0 + out[0, 0, 0, 0, 0]  # noqa: E731 - a probe: returns one logit
+    label = torch.zeros(1, 1, 2, 2, 2)
+    out = torch.zeros(1, 3, 2, 2, 2, 2)
+    out[0, 0, 0, 0, 0, 0], out[0, 1, 0, 0, 0, 0], out[0, 2, 0, 0, 0, 0] = 4.0, 2.0, 1.0
+    # weights 1, 1/2, 1/4 normalised by 1.75
+    assert deep_supervision_loss(out, label, loss_fn).item() == pytest.approx((4 + 1 + 0.25) / 1.75)
+    assert deep_supervision_loss(out[:, 0], label, loss_fn).item() == pytest.approx(4.0)
+
+
+def test_fit_writes_a_loadable_best_checkpoint_and_logs(cases, tmp_path):
+    logged, validations = [], []
+    cb = TrainCallbacks(on_log=lambda s, m: logged.append((s, m)), on_validation=lambda s, d, b: validations.append(s))
+    result = fit(cases[:3], cases[3:], _settings(), tmp_path / "m", callbacks=cb, meta={"member": "viola_tiny-f0"})
+    assert result.steps == 10 and validations == [5, 10] and [s for s, _ in logged] == [5, 10]
+    assert {"train/loss", "train/lr", "train/sec_per_step"} <= set(logged[0][1])
+    assert 0.0 <= result.best_dice <= 1.0 and result.best_step in (5, 10)
+    model, meta = load_member(result.best_checkpoint)
+    assert meta.name == "viola_tiny-f0" and meta.patch_size == (32, 32, 8) and meta.val_dice == result.best_dice
+    with np.load(cases[3]) as z:
+        image = torch.as_tensor(z["image"])
+    prob = sliding_window_probability(model, image, meta.patch_size)
+    assert prob.shape == image.shape[1:] and float(prob.min()) >= 0 and float(prob.max()) <= 1
+
+
+def test_finished_training_is_reused_and_killed_training_resumes(cases, tmp_path):
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_7(step, metrics):
+        if step >= 7:
+            raise Killed
+
+    s = _settings(log_every=1)
+    with pytest.raises(Killed):
+        fit(cases[:3], cases[3:], s, tmp_path / "m", callbacks=TrainCallbacks(on_log=kill_at_7))
+    assert (tmp_path / "m" / "last.pt").exists() and not (tmp_path / "m" / "result.json").exists()
+    resumed = fit(cases[:3], cases[3:], s, tmp_path / "m")
+    assert resumed.resumed_from == 5 and resumed.steps == 10
+    stamp = (tmp_path / "m" / "best.pt").stat().st_mtime_ns
+    again = fit(cases[:3], cases[3:], s, tmp_path / "m")
+    assert again.best_dice == resumed.best_dice and (tmp_path / "m" / "best.pt").stat().st_mtime_ns == stamp
+    # other settings in the same folder: trained again from scratch
+    other = fit(cases[:3], cases[3:], _settings(max_steps=6, val_every=3), tmp_path / "m")
+    assert other.steps == 6 and other.resumed_from == 0
+
+
+def test_fine_tuning_starts_from_given_weights(cases, tmp_path):
+    first = fit(cases[:3], cases[3:], _settings(max_steps=5), tmp_path / "a")
+    s = _settings(max_steps=0 + 1, val_every=1, lr=1e-9, warmup_steps=0)
+    tuned = fit(cases[:3], cases[3:], s, tmp_path / "b", init_weights=first.best_checkpoint)
+    a = torch.load(first.best_checkpoint, weights_only=True)["state_dict"]
+    b = torch.load(tuned.best_checkpoint, weights_only=True)["state_dict"]
+    # one step at lr 1e-9 barely moves the weights away from the initial ones
+    key = "output_block.conv.conv.weight"
+    assert torch.allclose(a[key], b[key], atol=1e-6)
+
+
+def test_pairwise_dice():
+    m = torch.zeros(3, 4, 4, dtype=torch.bool)
+    assert pairwise_dice(m) == 1.0
+    m[0, :2] = True
+    m[1, :2] = True
+    m[2, :1] = True  # dice(0,1)=1, dice(0,2)=dice(1,2)=2*4/(8+4)=2/3
+    assert pairwise_dice(m) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert math.isclose(pairwise_dice(m[:1]), 1.0)

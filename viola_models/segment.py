@@ -1,0 +1,152 @@
+"""Segment one scan file with an ensemble: the one code path of pseudo-labelling, evaluation and
+``viola predict``.
+
+File -> validated HU volume -> preprocessing (the training settings, from the ensemble manifest) ->
+sliding-window ensemble -> mean foreground probability inverted onto the scan's own grid ->
+uint8 mask (probability >= 0.5) with volumes and confidence scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from data_catalog.preprocessing import (
+    PreprocessedCase,
+    PreprocessSettings,
+    cached_preprocess,
+    invert_to_native,
+    load_preprocessed,
+    preprocess_arrays,
+)
+from data_catalog.scans import ScanInfo, read_image
+from viola_models.metrics import abc2_volume_ml
+from viola_models.predict import (
+    MemberCheckpoint,
+    confidence_scores,
+    load_ensemble_manifest,
+    load_member,
+    make_predictors,
+    predict_ensemble,
+)
+
+__all__ = ["Ensemble", "ScanSegmentation", "load_ensemble", "segment_scan", "write_manifest"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ensemble:
+    """Loaded members with their prepared predictors and the preprocessing they were trained with."""
+
+    members: list[tuple[torch.nn.Module, MemberCheckpoint]]
+    preprocess: PreprocessSettings
+    device: torch.device
+    predictors: list[Callable] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for _, m in self.members]
+
+
+def write_manifest(folder: Path, members: Sequence[dict], preprocess: PreprocessSettings, **extra) -> Path:
+    """``ensemble.json``: member checkpoints (relative to ``folder``) and the preprocessing settings."""
+    folder = Path(folder)
+    data = {"members": list(members), "preprocess": preprocess.model_dump(mode="json"), **extra}
+    path = folder / "ensemble.json"
+    tmp = folder / ".ensemble.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = True,
+                  checkpoints: Sequence[Path] | None = None) -> Ensemble:
+    """Load an ensemble folder (``ensemble.json`` + member checkpoints) or explicit checkpoints."""
+    folder = Path(folder)
+    paths = list(checkpoints) if checkpoints else load_ensemble_manifest(folder)
+    manifest = folder / "ensemble.json"
+    if manifest.exists():
+        pre = PreprocessSettings.model_validate(json.loads(manifest.read_text())["preprocess"])
+    else:
+        log.warning("%s has no ensemble.json: assuming the paper's default preprocessing", folder)
+        pre = PreprocessSettings()
+    device = torch.device(device)
+    members = [load_member(p) for p in paths]
+    sizes = {tuple(m.patch_size) for _, m in members}
+    log.info("ensemble of %d member(s) on %s, patch size(s) %s", len(members), device, sorted(sizes))
+    return Ensemble(members=members, preprocess=pre, device=device,
+                    predictors=make_predictors(members, device, amp), source=str(folder))
+
+
+@dataclass
+class ScanSegmentation:
+    """The result for one scan, on its native grid."""
+
+    mask: np.ndarray  # uint8 (X, Y, Z), the scan's shape
+    info: ScanInfo
+    scores: dict[str, float]  # agreement, mean_probability, volume_cv (ensemble, preprocessed grid)
+    volume_ml: float
+    abc2_volume_ml: float
+    n_lesions: int
+    largest_lesion_ml: float
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def segment_scan(
+    image_path: Path,
+    ensemble: Ensemble,
+    overlap: float = 0.5,
+    tta: bool = False,
+    cache_dir: Path | None = None,
+    image_hash: str | None = None,
+) -> ScanSegmentation:
+    """Segment one NIfTI scan (ScanError with a reason if the file is unusable).
+
+    With ``cache_dir`` and ``image_hash`` the preprocessing comes from (or goes to) the cache.
+    """
+    t0 = time.perf_counter()
+    image, info = read_image(Path(image_path))
+    t_read = time.perf_counter()
+    case: PreprocessedCase
+    if cache_dir is not None and image_hash:
+        path, _ = cached_preprocess(Path(cache_dir), Path(image_path), image_hash, ensemble.preprocess)
+        case = load_preprocessed(path)
+    else:
+        case = preprocess_arrays(image, info.affine, None, ensemble.preprocess)
+    t_pre = time.perf_counter()
+    out = predict_ensemble(ensemble.members, case.image, overlap=overlap, tta=tta, device=ensemble.device,
+                           predictors=ensemble.predictors)
+    t_net = time.perf_counter()
+    voxel_ml = float(np.prod(case.spacing)) / 1000.0
+    scores = confidence_scores(out, voxel_ml)
+    prob = invert_to_native(out.mean_prob[None].numpy(), case.affine, case.native_affine, case.native_shape)
+    mask = (prob[0].numpy() >= 0.5).astype(np.uint8)
+    t_inv = time.perf_counter()
+    vox_native = float(np.prod(info.spacing)) / 1000.0
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(labels.ravel())[1:] if n else np.zeros(0)
+    seg = ScanSegmentation(
+        mask=mask,
+        info=info,
+        scores=scores,
+        volume_ml=float(mask.sum()) * vox_native,
+        abc2_volume_ml=abc2_volume_ml(mask, info.spacing),
+        n_lesions=int(n),
+        largest_lesion_ml=float(sizes.max()) * vox_native if n else 0.0,
+        seconds=0.0,
+    )
+    seg.seconds = time.perf_counter() - t0
+    seg.timings = {"read": t_read - t0, "preprocess": t_pre - t_read, "networks": t_net - t_pre,
+                   "invert": t_inv - t_net, "post": time.perf_counter() - t_inv}
+    return seg
