@@ -29,6 +29,8 @@ def _setup(verbose: bool = False, flows: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     for name in _ENV_DEFAULTS["PREFECT_LOGGING_EXTRA_LOGGERS"].split(","):
         logging.getLogger(name).setLevel(level)
+    for noisy in ("mlflow", "alembic"):  # database set-up chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not flows:  # inside flows, Prefect's handlers print (and record) the library loggers
         logging.basicConfig(level=level, format="%(message)s")
 
@@ -143,9 +145,69 @@ def serve(
     serve_deployments(profile, str(data) if data else None, cron, tracking_uri)
 
 
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Argument(help="a folder of NIfTI scans, or one scan")],
+    output: Annotated[Path, typer.Argument(help="folder for the masks and predictions_info.csv")],
+    model: Annotated[str | None, typer.Option(help="MLflow model URI, e.g. models:/NAME@champion")] = None,
+    round: Annotated[int | None, typer.Option("--round", help="a round of the profile's data root")] = None,
+    checkpoints: Annotated[Path | None, typer.Option(help="a folder with ensemble.json or */best.pt")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto")] = "auto",
+    tta: Annotated[bool, typer.Option(help="flip test-time augmentation (4x slower)")] = False,
+    overlays: Annotated[bool, typer.Option(help="PNG overlays on the three-window view")] = False,
+    overlap: Annotated[float, typer.Option(min=0.0, max=0.9, help="sliding-window overlap")] = 0.5,
+    profile: Annotated[str, typer.Option(help="profile whose registry model / data root to use")] = "demo",
+    data: Annotated[Path | None, typer.Option(help="data root for --round (default: the profile's)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
+) -> None:
+    """Segment scans with a trained ensemble (default: the champion of the local registry)."""
+    _setup()
+    import time
+
+    import torch
+
+    from flows.profiles import ProfileError, load_profile
+    from tasks.models import resolve_ensemble_dir
+    from viola_models.segment import load_ensemble, predict_folder
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda but no CUDA device is available")
+    try:
+        settings = load_profile(profile, data)
+        folder = resolve_ensemble_dir(model, round, checkpoints, settings.work_dir,
+                                      settings.tracking.registered_model, tracking_uri)
+        ensemble = load_ensemble(folder, device=device)
+    except (*_KNOWN, ProfileError) as e:
+        _fail(str(e))
+    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {folder} on {device}")
+
+    def progress(i: int, n: int, row: dict) -> None:
+        if row["status"] == "ok":
+            typer.echo(f"[{i}/{n}] {row['file_name']}: {row['predicted_volume_ml']} ml in {row['n_lesions']} "
+                       f"lesion(s), confidence {row['confidence']}, {row['inference_seconds']} s")
+        else:
+            typer.echo(f"[{i}/{n}] {row['file_name']}: rejected: {row['reason']}")
+
+    t0 = time.perf_counter()
+    try:
+        table = predict_folder(input, output, ensemble, overlap=overlap, tta=tta, overlays=overlays,
+                               on_scan=progress)
+    except _KNOWN as e:
+        _fail(str(e))
+    ok = int((table.status == "ok").sum())
+    typer.echo(f"segmented {ok} of {len(table)} scan(s) ({len(table) - ok} rejected) in "
+               f"{time.perf_counter() - t0:.1f} s; masks and predictions_info.csv in {output}")
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

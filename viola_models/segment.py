@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 
@@ -38,7 +39,7 @@ from viola_models.predict import (
     predict_ensemble,
 )
 
-__all__ = ["Ensemble", "ScanSegmentation", "load_ensemble", "segment_scan", "write_manifest"]
+__all__ = ["Ensemble", "ScanSegmentation", "load_ensemble", "segment_scan", "predict_folder", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,74 @@ def segment_scan(
     seg.timings = {"read": t_read - t0, "preprocess": t_pre - t_read, "networks": t_net - t_pre,
                    "invert": t_inv - t_net, "post": time.perf_counter() - t_inv}
     return seg
+
+
+PREDICTION_COLUMNS = [
+    "file_name", "status", "reason", "predicted_volume_ml", "abc2_volume_ml", "n_lesions", "largest_lesion_ml",
+    "confidence", "mean_probability", "volume_cv", "inference_seconds",
+]
+
+
+def _nifti_inputs(folder: Path) -> list[Path]:
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")))
+
+
+def predict_folder(
+    input_dir: Path,
+    output_dir: Path,
+    ensemble: Ensemble,
+    overlap: float = 0.5,
+    tta: bool = False,
+    overlays: bool = False,
+    on_scan: Callable[[int, int, dict], None] | None = None,
+) -> pd.DataFrame:
+    """Segment every NIfTI scan of ``input_dir`` (or one file) into ``output_dir``.
+
+    Writes, atomically, a uint8 mask per scan under the scan's own file name, header and affine,
+    optional PNG overlays (``overlays/``), and ``predictions_info.csv`` (rewritten after each scan,
+    so an interrupted run leaves a valid table). Unusable scans get a row with their reason and
+    are skipped. Nothing in ``input_dir`` is written to. ``on_scan(i, n, row)`` reports progress.
+    """
+    from data_catalog.overlays import overlay_png
+    from data_catalog.scans import ScanError, atomic_write, save_nifti_like
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.exists():
+        raise FileNotFoundError(f"input {input_dir} does not exist")
+    src_root = input_dir if input_dir.is_dir() else input_dir.parent
+    if output_dir.resolve() == src_root.resolve():
+        raise ValueError(f"output folder {output_dir} is the input folder: masks would replace the scans")
+    inputs = _nifti_inputs(input_dir)
+    if not inputs:
+        raise FileNotFoundError(f"no .nii or .nii.gz files in {input_dir}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    table = output_dir / "predictions_info.csv"
+    for i, path in enumerate(inputs, 1):
+        row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": path.name}
+        try:
+            seg = segment_scan(path, ensemble, overlap=overlap, tta=tta)
+        except ScanError as e:
+            row.update(status="rejected", reason=str(e))
+        else:
+            save_nifti_like(seg.mask, path, output_dir / path.name)
+            row.update(status="ok", predicted_volume_ml=round(seg.volume_ml, 3),
+                       abc2_volume_ml=round(seg.abc2_volume_ml, 3), n_lesions=seg.n_lesions,
+                       largest_lesion_ml=round(seg.largest_lesion_ml, 3),
+                       confidence=round(seg.scores["agreement"], 4),
+                       mean_probability=round(seg.scores["mean_probability"], 4),
+                       volume_cv=round(seg.scores["volume_cv"], 4), inference_seconds=round(seg.seconds, 3))
+            if overlays:
+                image, info = read_image(path)
+                stem = path.name.removesuffix(".gz").removesuffix(".nii")
+                overlay_png(image, seg.mask, info.affine, output_dir / "overlays" / f"{stem}.png",
+                            title=f"{path.name}: {seg.volume_ml:.1f} ml in {seg.n_lesions} lesion(s)")
+        rows.append(row)
+        df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+        atomic_write(table, lambda tmp, df=df: df.to_csv(tmp, index=False))
+        if on_scan:
+            on_scan(i, len(inputs), row)
+    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)

@@ -1,0 +1,138 @@
+"""viola predict: masks on the scans' own grids, the predictions table, bad inputs, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from data_catalog.preprocessing import PreprocessSettings, cached_preprocess, preprocess_arrays
+from data_catalog.scans import file_sha256
+from tests.helpers import head_volume, write_nifti
+from viola_models import segment
+from viola_models.predict import EnsembleOutput
+from viola_models.training import TrainSettings, fit
+
+PRE = PreprocessSettings(target_spacing=(4.0, 4.0, 5.0))
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory) -> Path:
+    """Two tiny members trained for a few steps, with their manifest."""
+    tmp = tmp_path_factory.mktemp("ens")
+    items = []
+    for i in range(3):
+        img, lab, aff = head_volume(seed=i, lesions=((10 - 6 * i, 6, 0, 12.0),))
+        ip = write_nifti(tmp / f"i{i}.nii.gz", img, aff, np.int16)
+        lp = write_nifti(tmp / f"l{i}.nii.gz", lab, aff, np.uint8)
+        items.append(cached_preprocess(tmp / "cache", ip, file_sha256(ip), PRE, lp, file_sha256(lp))[0])
+    members = []
+    for arch in ("viola_tiny", "nnunet_tiny"):
+        s = TrainSettings(model=arch, patch_size=(32, 32, 8), max_steps=4, val_every=4, warmup_steps=1, log_every=4)
+        res = fit(items[:2], items[2:], s, tmp / "ens" / arch, meta={"member": arch})
+        members.append({"name": arch, "checkpoint": f"{arch}/best.pt", "val_dice": res.best_dice})
+    segment.write_manifest(tmp / "ens", members, PRE)
+    return tmp / "ens"
+
+
+@pytest.fixture()
+def scans(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    for name, codes in (("lps.nii.gz", "LPS"), ("prs.nii.gz", "PRS"), ("ras.nii", "RAS")):
+        img, _, aff = head_volume(codes=codes, seed=len(name))
+        write_nifti(folder / name, img, aff, np.int16)
+    (folder / "notes.txt").write_text("not a scan")
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: file_sha256(p) for p in folder.iterdir()}
+
+
+def test_masks_keep_each_scans_geometry_and_header(ensemble_dir, scans, tmp_path):
+    before = _snapshot(scans)
+    ens = segment.load_ensemble(ensemble_dir)
+    table = segment.predict_folder(scans, tmp_path / "out", ens, overlays=True)
+    assert _snapshot(scans) == before  # inputs untouched
+    assert list(table.file_name) == ["lps.nii.gz", "prs.nii.gz", "ras.nii"] and set(table.status) == {"ok"}
+    for name in table.file_name:
+        src, out = nib.load(scans / name), nib.load(tmp_path / "out" / name)
+        assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+        assert out.get_data_dtype() == np.uint8
+        assert np.allclose(out.header.get_zooms(), src.header.get_zooms())
+        assert int(out.header["qform_code"]) == int(src.header["qform_code"])
+        assert int(out.header["sform_code"]) == int(src.header["sform_code"])
+        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["lps.png", "prs.png", "ras.png"]
+    on_disk = pd.read_csv(tmp_path / "out" / "predictions_info.csv")
+    assert list(on_disk.columns) == segment.PREDICTION_COLUMNS and len(on_disk) == 3
+    # the table's volume is the written mask's voxel count times the voxel volume
+    for r in on_disk.itertuples():
+        m = nib.load(tmp_path / "out" / r.file_name)
+        ml = float(np.asarray(m.dataobj).sum()) * float(np.prod(m.header.get_zooms()[:3])) / 1000
+        assert r.predicted_volume_ml == pytest.approx(ml, abs=1e-3)
+        assert 0 <= r.confidence <= 1 and r.inference_seconds > 0
+
+
+def test_volumes_of_a_known_mask(ensemble_dir, tmp_path, monkeypatch):
+    """The ensemble replaced by the true lesion: the table reports its volume (ml) and lesion count."""
+    lesions = ((20.0, 10.0, 0.0, 14.0), (-30.0, -20.0, 5.0, 9.0))
+    img, lab, aff = head_volume(shape=(96, 96, 16), spacing=(2.0, 2.0, 5.0), codes="LPS", lesions=lesions)
+    write_nifti(tmp_path / "in" / "known.nii.gz", img, aff, np.int16)
+    case = preprocess_arrays(img, aff, lab, PRE)
+    truth = torch.as_tensor(case.label[0], dtype=torch.float32)
+
+    def oracle(members, image, **kw):
+        probs = truth[None].repeat(len(members), 1, 1, 1)
+        return EnsembleOutput(member_probs=probs, mean_prob=truth, member_names=["a", "b"])
+
+    monkeypatch.setattr(segment, "predict_ensemble", oracle)
+    ens = segment.load_ensemble(ensemble_dir)
+    row = segment.predict_folder(tmp_path / "in", tmp_path / "out", ens).iloc[0]
+    true_ml = lab.sum() * 2.0 * 2.0 * 5.0 / 1000
+    assert row.predicted_volume_ml == pytest.approx(true_ml, rel=0.08)
+    assert row.n_lesions == 2 and row.confidence == 1.0
+    assert 0 < row.largest_lesion_ml < row.predicted_volume_ml
+    assert row.abc2_volume_ml == pytest.approx(true_ml, rel=0.5)
+
+
+def test_bad_inputs_are_reported_and_skipped(ensemble_dir, scans, tmp_path):
+    img, _, aff = head_volume(seed=9)
+    (scans / "broken.nii.gz").write_bytes((scans / "lps.nii.gz").read_bytes()[:500])
+    write_nifti(scans / "slice.nii.gz", img[:, :, 0], aff, np.int16)
+    write_nifti(scans / "png_export.nii.gz", np.clip((img + 1000) / 8, 0, 255), aff, np.uint8)
+    before = _snapshot(scans)
+    table = segment.predict_folder(scans, tmp_path / "out", segment.load_ensemble(ensemble_dir)).set_index(
+        "file_name")
+    assert _snapshot(scans) == before
+    assert table.loc["broken.nii.gz"].status == "rejected" and "truncated" in table.loc["broken.nii.gz"].reason
+    assert "3-D" in table.loc["slice.nii.gz"].reason
+    assert "8-bit" in table.loc["png_export.nii.gz"].reason
+    assert (table.status == "ok").sum() == 3
+    assert not (tmp_path / "out" / "broken.nii.gz").exists()
+    with pytest.raises(ValueError, match="is the input folder"):
+        segment.predict_folder(scans, scans, segment.load_ensemble(ensemble_dir))
+
+
+def test_cli_predict(ensemble_dir, scans, tmp_path):
+    from flows.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli_out"
+    res = runner.invoke(app, ["predict", str(scans), str(out), "--checkpoints", str(ensemble_dir),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "[3/3]" in res.output and "segmented 3 of 3 scan(s)" in res.output
+    assert (out / "predictions_info.csv").exists()
+    # no trained model anywhere: one line, exit code 2
+    res = runner.invoke(app, ["predict", str(scans), str(out), "--tracking-uri",
+                              f"sqlite:///{tmp_path / 'empty.db'}"])
+    assert res.exit_code == 2 and res.output.strip().startswith("error: cannot load models:/")
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["predict", str(scans), str(out), "--round", "0", "--checkpoints", str(ensemble_dir)])
+    assert res.exit_code == 2 and "at most one" in res.output
