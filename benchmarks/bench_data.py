@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_catalog import catalog  # noqa: E402
-from data_catalog.phantoms import write_phantom_dataset  # noqa: E402
-from data_catalog.preprocessing import PreprocessSettings, cached_preprocess, load_preprocessed  # noqa: E402
-from data_catalog.scans import file_sha256  # noqa: E402
+from data_catalog import catalog
+from data_catalog.phantoms import write_phantom_dataset
+from data_catalog.preprocessing import PreprocessSettings, cached_preprocess, load_preprocessed
+from data_catalog.scans import file_sha256
 
 
 def main() -> None:

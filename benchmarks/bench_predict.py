@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_catalog.phantoms import generate_phantom  # noqa: E402
-from data_catalog.preprocessing import PreprocessSettings  # noqa: E402
-from data_catalog.scans import save_nifti_like  # noqa: E402
-from viola_models.configs import build_model, model_config  # noqa: E402
-from viola_models.segment import load_ensemble, segment_scan, write_manifest  # noqa: E402
+from data_catalog.phantoms import generate_phantom
+from data_catalog.preprocessing import PreprocessSettings
+from data_catalog.scans import save_nifti_like
+from viola_models.configs import build_model, model_config
+from viola_models.segment import load_ensemble, segment_scan, write_manifest
 
 
 def make_ensemble(folder: Path, n: int) -> Path:
