@@ -67,8 +67,13 @@ def test_serve_then_run_the_round_deployment(tmp_path):
     store.mkdir()
     logs = tmp_path / "logs"
     logs.mkdir()
+    with open(logs / "server.log", "w") as server_log, open(logs / "serve.log", "w") as serve_log:
+        _serve_and_run(env, port, data, store, logs, server_log, serve_log)
+
+
+def _serve_and_run(env: dict, port: int, data: Path, store: Path, logs: Path, server_log, serve_log) -> None:
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     serve = None
     try:
         def healthy() -> bool:
@@ -82,8 +87,7 @@ def test_serve_then_run_the_round_deployment(tmp_path):
         serve = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--profile", "tiny", "--data", str(data),
              "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}"],
-            env=env, cwd=REPO, stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env=env, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def deployed() -> bool:
             return subprocess.run([PREFECT, "deployment", "inspect", "self-training/round"], env=env,

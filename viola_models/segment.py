@@ -39,7 +39,7 @@ from viola_models.predict import (
     predict_ensemble,
 )
 
-__all__ = ["Ensemble", "ScanSegmentation", "load_ensemble", "segment_scan", "predict_folder", "write_manifest"]
+__all__ = ["Ensemble", "ScanSegmentation", "load_ensemble", "predict_folder", "segment_scan", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
