@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,6 +89,8 @@ class TrainSettings(BaseModel):
     patch_size: tuple[int, int, int] = (160, 160, 16)
     batch_size: int = 2
     max_steps: int = 72_000
+    # the paper's SGD needs thousands of steps; AdamW learns within a CPU demo's few hundred
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 7e-3
     momentum: float = 0.99
     nesterov: bool = True
@@ -239,6 +241,13 @@ def _amp_dtype(settings: TrainSettings, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                           nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -289,8 +298,7 @@ def fit(
         ck = torch.load(init_weights, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["state_dict"])
         log.info("%s: fine-tuning from %s", out_dir.name, init_weights)
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                          nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+    opt = _optimizer(model, settings)
     amp_dtype = _amp_dtype(settings, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_fn = DiceFocalLoss(to_onehot_y=True, softmax=True)
