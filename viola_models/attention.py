@@ -161,14 +161,14 @@ class ViolaAttention(nn.Module):
         return self._folded[1]
 
     def _axis_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """DDCM outputs of the three axes laid end to end: (B, C, H + W + D) = [v_h, v_w, v_d]."""
+        """DDCM outputs of the three axes laid end to end: (B, C, H + W + D) = [v_h, v_w, v_d], float32."""
         b, c, h, w, d = x.shape
         lengths = (h, w, d)
         l_max = max(lengths)
-        mean_d = x.mean(dim=4)  # (B, C, H, W)
-        pooled = (mean_d.mean(dim=3), mean_d.mean(dim=2), x.mean(dim=(2, 3)))  # (B, C, L) each
+        mean_d = x.mean(dim=4, dtype=torch.float32)  # (B, C, H, W)
+        pooled = (mean_d.mean(dim=3), mean_d.mean(dim=2), x.mean(dim=(2, 3), dtype=torch.float32))  # (B, C, L)
         # rows = positions, channels last: (3, B, Lmax, C), the axes zero-padded to one length
-        desc = x.new_zeros(3, b, l_max, c)
+        desc = torch.zeros(3, b, l_max, c, device=x.device, dtype=torch.float32)
         for i, p in enumerate(pooled):
             desc[i, :, : lengths[i]] = p.transpose(1, 2)
         desc = F.layer_norm(desc, (c,), eps=self.eps)  # over channels, per position; gain below
@@ -178,7 +178,7 @@ class ViolaAttention(nn.Module):
             stack = self._ddcm_stack(cols, dropout=self.training and self.ddcm_dropout > 0)  # (3, J, C, N)
             stack = stack.permute(0, 3, 1, 2)  # (3, N, J, C)
         else:
-            folded = self._folded_matrix(x.device, x.dtype)  # (3, C, J*C), gain included
+            folded = self._folded_matrix(x.device, torch.float32)  # (3, C, J*C), gain included
             stack = torch.bmm(rows, folded).view(3, b * l_max, -1, c)  # (3, N, J, C)
         # SiLU then the 1x1 merge over the J = 4e+2 maps: (3, N, 1, J) @ (3, N, J, C) -> (3, N, 1, C)
         v = torch.matmul(self.merge_weight.to(stack.dtype).view(3, 1, 1, -1), F.silu(stack))
@@ -186,13 +186,22 @@ class ViolaAttention(nn.Module):
         return torch.cat([v[i, :, : lengths[i]] for i in range(3)], dim=1).transpose(1, 2)  # (B, C, H+W+D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"ViolaAttention built for {self.channels} channels got an input with {x.shape[1]}")
+        if torch.is_autocast_enabled(x.device.type):
+            # the small per-axis work runs in float32 and the full-size fusion in the input's dtype, chosen
+            # here rather than by autocast (whose per-op casts would double this module's launch count)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w, d = x.shape
-        if c != self.channels:
-            raise ValueError(f"ViolaAttention built for {self.channels} channels got an input with {c}")
-        v = self._axis_maps(x)  # (B, C, H+W+D)
+        v = self._axis_maps(x)  # (B, C, H+W+D), float32
         s = torch.sigmoid(v)
         # tanh gate: GroupNorm over the three maps end to end; t = 0.5 (tanh + s), pre-scaled by 0.1
-        t = (torch.tanh(self.group_norm(v)) + s) * 0.05
+        gn = self.group_norm
+        t = (torch.tanh(F.group_norm(v, 2, gn.weight.float(), gn.bias.float(), gn.eps)) + s) * 0.05
         s_h, s_w, s_d = torch.split(s, (h, w, d), dim=2)
         t_h, t_w, t_d = torch.split(t, (h, w, d), dim=2)
         # broadcastable views: (B, C, H, 1, 1), (B, C, 1, W, 1), (B, C, 1, 1, D)
@@ -202,17 +211,20 @@ class ViolaAttention(nn.Module):
         # A' = 0.1 A + 0.3 = ReLU(0.1 (t_h + t_w + t_d)) + 0.1 (P + Q) s_d + 0.1 P + 0.3 with
         # P = s_h s_w and Q = s_h + s_w (the 0.1 enters the ReLU by positive homogeneity); all
         # terms but the three full-size ones live on (B, C, H, W, 1).
-        u = t_h + t_w
+        # small terms in float32, cast once to the input's dtype for the full-size passes
+        dt = x.dtype
+        u = (t_h + t_w).to(dt)
         p = s_h * s_w
+        q = ((p + s_h + s_w) * 0.1).to(dt)
+        base = (p * 0.1 + 0.3).to(dt)
+        t_d, s_d = t_d.to(dt), s_d.to(dt)
         if torch.is_grad_enabled():
-            q = (p + s_h + s_w) * 0.1
-            att = torch.relu(u + t_d) + torch.addcmul(p * 0.1 + 0.3, q, s_d)
+            att = torch.relu(u + t_d) + torch.addcmul(base, q, s_d)
         else:  # one full-size allocation, everything else in place
-            q = torch.add(s_h, s_w).add_(p).mul_(0.1)
-            att = torch.add(u, t_d).relu_().addcmul_(q, s_d).add_(p.mul_(0.1).add_(0.3))
-        norm = torch.linalg.vector_norm(att.view(b, -1), dim=1).view(b, 1, 1, 1, 1)
+            att = torch.add(u, t_d).relu_().addcmul_(q, s_d).add_(base)
+        norm = torch.linalg.vector_norm(att.view(b, -1), dim=1, dtype=torch.float32).view(b, 1, 1, 1, 1)
         # A'' = A' + A' / ||A'||; A' >= 0.3 everywhere, so the norm is never zero
-        scale = 1.0 + 1.0 / norm
+        scale = (1.0 + 1.0 / norm).to(dt)
         if torch.is_grad_enabled():
             return x * att * scale
         return att.mul_(x).mul_(scale)

@@ -135,7 +135,7 @@ def sliding_window_probability(
 class EnsembleOutput:
     """Per-member and mean foreground probabilities on the preprocessed grid (X, Y, Z)."""
 
-    member_probs: torch.Tensor  # (M, X, Y, Z)
+    member_probs: torch.Tensor  # (M, X, Y, Z), on the prediction device
     mean_prob: torch.Tensor  # (X, Y, Z)
     member_names: list[str]
 
@@ -147,20 +147,21 @@ def predict_ensemble(
     tta: bool = False,
     device: torch.device | str = "cpu",
     amp: bool = True,
-    sw_batch_size: int = 2,
+    sw_batch_size: int | None = None,
     predictors: list[Callable] | None = None,
 ) -> EnsembleOutput:
-    """Every member on one preprocessed image (C, X, Y, Z), probabilities averaged.
+    """Every member on one preprocessed image (C, X, Y, Z), probabilities averaged (on ``device``).
 
     ``predictors`` (from :func:`make_predictors`) reuse prepared networks across scans.
     """
     device = torch.device(device)
     preds = predictors or make_predictors(members, device, amp)
-    img = torch.as_tensor(image, dtype=torch.float32)
-    probs = []
-    for pred, (_, meta) in zip(preds, members):
-        probs.append(sliding_window_probability(pred, img, meta.patch_size, overlap, sw_batch_size, tta, device).cpu())
-    stack = torch.stack(probs)
+    img = torch.as_tensor(image, dtype=torch.float32).to(device)
+    if sw_batch_size is None:  # a GPU takes several windows per call; a CPU gains nothing from it
+        sw_batch_size = 4 if device.type == "cuda" else 1
+    probs = [sliding_window_probability(pred, img, meta.patch_size, overlap, sw_batch_size, tta, device)
+             for pred, (_, meta) in zip(preds, members)]
+    stack = torch.stack(probs)  # stays on the device: inversion and scores run there too
     return EnsembleOutput(member_probs=stack, mean_prob=stack.mean(0), member_names=[m.name for _, m in members])
 
 
