@@ -52,7 +52,7 @@ def main() -> None:
         m, h, ld = statistics.median(miss), statistics.median(hit), statistics.median(load)
         print(f"phantom generation: {gen / args.full:.2f} s per full-size scan")
         print(f"preprocessing per full-size scan: miss {m:.3f} s, hit {h * 1e3:.2f} ms (lookup) "
-              f"+ {ld * 1e3:.1f} ms (load) -> {m / (h + ld):.0f}x faster on a hit")
+              f"+ {ld * 1e3:.1f} ms (loading the arrays) -> {m / (h + ld):.0f}x faster on a hit")
 
         t0 = time.perf_counter()
         write_phantom_dataset(tmp / "many", labelled=args.ingest // 2, unlabelled=args.ingest - args.ingest // 2,

@@ -45,7 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # bump when the arrays this module produces change for the same inputs and settings
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"
 
 
 class PreprocessSettings(BaseModel):
@@ -187,29 +187,41 @@ def cache_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def _image_path(path: Path) -> Path:
+    return Path(path).with_suffix(".image.npy")
+
+
 def _save(case: PreprocessedCase, path: Path) -> None:
-    arrays = {"image": case.image, "affine": case.affine, "native_affine": case.native_affine,
+    """The image as a plain .npy (read back in one copy), then the rest as .npz: the .npz is written
+    last and marks a complete entry."""
+    arrays = {"affine": case.affine, "native_affine": case.native_affine,
               "native_shape": np.asarray(case.native_shape, dtype=np.int64)}
     if case.label is not None:
         arrays["label"] = case.label
 
-    def write(tmp: Path) -> None:
+    def write_image(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: a cache hit is one read
+            np.save(f, np.ascontiguousarray(case.image))
 
-    atomic_write(path, write)
+    def write_meta(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(_image_path(path), write_image)
+    atomic_write(path, write_meta)
 
 
 def load_preprocessed(path: Path, mmap: bool = False) -> PreprocessedCase:
-    """Read a cached case written by ``cached_preprocess``."""
-    with np.load(path, mmap_mode="r" if mmap else None) as z:
-        return PreprocessedCase(
-            image=np.asarray(z["image"]),
-            label=np.asarray(z["label"]) if "label" in z.files else None,
-            affine=np.asarray(z["affine"]),
-            native_shape=tuple(int(v) for v in z["native_shape"]),
-            native_affine=np.asarray(z["native_affine"]),
-        )
+    """Read a cached case written by ``cached_preprocess`` (``path``: its .npz)."""
+    with np.load(path) as z:
+        meta = {k: np.asarray(z[k]) for k in z.files}
+    return PreprocessedCase(
+        image=np.load(_image_path(path), mmap_mode="r" if mmap else None),
+        label=meta.get("label"),
+        affine=meta["affine"],
+        native_shape=tuple(int(v) for v in meta["native_shape"]),
+        native_affine=meta["native_affine"],
+    )
 
 
 def cached_preprocess(
@@ -228,7 +240,7 @@ def cached_preprocess(
     """
     key = cache_key(image_hash, label_hash if label_path else None, settings, binarize_label)
     path = Path(cache_dir) / key[:2] / f"{key}.npz"
-    if path.exists():
+    if path.exists() and _image_path(path).exists():
         return path, True
     case = preprocess_scan(Path(image_path), Path(label_path) if label_path else None, settings, binarize_label)
     _save(case, path)

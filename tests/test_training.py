@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_catalog.preprocessing import PreprocessSettings, cached_preprocess
+from data_catalog.preprocessing import PreprocessSettings, cached_preprocess, load_preprocessed
 from data_catalog.scans import file_sha256
 from tests.helpers import head_volume, write_nifti
 from viola_models.predict import load_member, pairwise_dice, sliding_window_probability
@@ -66,8 +66,7 @@ def test_fit_writes_a_loadable_best_checkpoint_and_logs(cases, tmp_path):
     assert 0.0 <= result.best_dice <= 1.0 and result.best_step in (5, 10)
     model, meta = load_member(result.best_checkpoint)
     assert meta.name == "viola_tiny-f0" and meta.patch_size == (32, 32, 8) and meta.val_dice == result.best_dice
-    with np.load(cases[3]) as z:
-        image = torch.as_tensor(z["image"])
+    image = torch.as_tensor(load_preprocessed(cases[3]).image)
     prob = sliding_window_probability(model, image, meta.patch_size)
     assert prob.shape == image.shape[1:] and float(prob.min()) >= 0 and float(prob.max()) <= 1
 

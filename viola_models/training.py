@@ -40,6 +40,7 @@ from monai.transforms import (
 from monai.utils import set_determinism
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_catalog.preprocessing import load_preprocessed
 from viola_models.configs import build_from_config, count_parameters, model_config
 from viola_models.predict import sliding_window_probability
 
@@ -153,11 +154,11 @@ class LoadPreprocessed(MapTransform):
         super().__init__(keys=["path"])
 
     def __call__(self, data: dict) -> dict:
-        with np.load(data["path"]) as z:
-            if "label" not in z.files:
-                raise ValueError(f"{data['path']} has no label: only labelled cases can be trained on")
-            return {**data, "image": np.asarray(z["image"], dtype=np.float32),
-                    "label": np.asarray(z["label"], dtype=np.float32)}
+        case = load_preprocessed(Path(data["path"]))
+        if case.label is None:
+            raise ValueError(f"{data['path']} has no label: only labelled cases can be trained on")
+        return {**data, "image": case.image.astype(np.float32, copy=False),
+                "label": case.label.astype(np.float32)}
 
 
 def _augmentations(settings: TrainSettings) -> list:
@@ -222,9 +223,9 @@ def validate(model: torch.nn.Module, val_items: Sequence[Path], settings: TrainS
     amp_dtype = _amp_dtype(settings, device)
     scores = []
     for path in val_items:
-        with np.load(path) as z:
-            image = torch.as_tensor(z["image"], dtype=torch.float32)
-            label = torch.as_tensor(z["label"][0] > 0)
+        case = load_preprocessed(Path(path))
+        image = torch.as_tensor(case.image, dtype=torch.float32)
+        label = torch.as_tensor(case.label[0] > 0)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             prob = sliding_window_probability(model, image, settings.patch_size, settings.val_overlap,
                                               device=device).cpu()
