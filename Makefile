@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/viola run --profile demo
+	$(BIN)/viola run --profile demo --rounds 2
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
