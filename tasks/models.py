@@ -29,6 +29,7 @@ def resolve_ensemble_dir(model_uri: str | None = None, round_: int | None = None
             raise FileNotFoundError(f"round {round_} has no finished ensemble in {folder}")
         return folder
     uri = tracking_uri or tracking.default_tracking_uri()
+    tracking.client_for(uri)
     model_uri = model_uri or f"models:/{registered_model}@champion"
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri))

@@ -49,8 +49,10 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 
 
 def client_for(uri: str) -> MlflowClient:
+    """A client of ``uri`` for runs and registered models alike (also the process default)."""
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    mlflow.set_registry_uri(uri)  # models:/ URIs resolve through the registry URI, not the tracking one
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _artifact_root(uri: str) -> str | None:

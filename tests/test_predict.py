@@ -136,3 +136,21 @@ def test_cli_predict(ensemble_dir, scans, tmp_path):
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["predict", str(scans), str(out), "--round", "0", "--checkpoints", str(ensemble_dir)])
     assert res.exit_code == 2 and "at most one" in res.output
+
+
+def test_cli_predict_uses_the_registry_champion_by_default(ensemble_dir, scans, tmp_path, monkeypatch):
+    from flows.cli import app
+    from tasks import tracking
+    from tasks.registry import register_ensemble
+
+    monkeypatch.chdir(tmp_path)  # no stray MLflow files may appear in the working directory
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = tracking.client_for(uri)
+    run_id = tracking.create_run(client, tracking.experiment_id(client, "e"), "round 0", tags={})
+    register_ensemble.fn(ensemble_dir, "viola-ich-demo", uri, run_id, 0, 0.5)
+    mlflow_default = tmp_path / "mlflow.db"
+    res = CliRunner().invoke(app, ["predict", str(scans), str(tmp_path / "out"), "--tracking-uri", uri,
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "segmented 3 of 3" in res.output and not mlflow_default.exists()
