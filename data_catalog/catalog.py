@@ -84,7 +84,6 @@ class IngestReport:
     unchanged: int = 0
     removed: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason), all currently rejected
-    newly_rejected: list[str] = field(default_factory=list)
     layout: str = ""
 
     def lines(self) -> list[str]:
@@ -349,12 +348,8 @@ def ingest(
         report.removed = sorted(r["scan_id"] for r in old.to_dict("records") if r["image_path"] not in seen_paths)
         table = pd.DataFrame(rows, columns=SCAN_COLUMNS).sort_values(["role", "scan_id", "image_path"])
         _write_csv(table, catalog_dir(root) / "scans.csv")
-        old_status = {r["image_path"]: r["status"] for r in old.to_dict("records")}
-        for r in table.to_dict("records"):
-            if r["status"] == "rejected":
-                report.rejected.append((r["image_path"], r["reason"]))
-                if old_status.get(r["image_path"]) != "rejected":
-                    report.newly_rejected.append(r["image_path"])
+        report.rejected = [(r["image_path"], r["reason"]) for r in table.to_dict("records")
+                           if r["status"] == "rejected"]
     return report
 
 
