@@ -211,12 +211,12 @@ def _save(case: PreprocessedCase, path: Path) -> None:
     atomic_write(path, write_meta)
 
 
-def load_preprocessed(path: Path, mmap: bool = False) -> PreprocessedCase:
+def load_preprocessed(path: Path) -> PreprocessedCase:
     """Read a cached case written by ``cached_preprocess`` (``path``: its .npz)."""
     with np.load(path) as z:
         meta = {k: np.asarray(z[k]) for k in z.files}
     return PreprocessedCase(
-        image=np.load(_image_path(path), mmap_mode="r" if mmap else None),
+        image=np.load(_image_path(path)),
         label=meta.get("label"),
         affine=meta["affine"],
         native_shape=tuple(int(v) for v in meta["native_shape"]),

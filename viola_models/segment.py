@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -104,6 +105,13 @@ class ScanSegmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _native_info(case: PreprocessedCase) -> ScanInfo:
+    """The scan's own geometry as recorded in its preprocessed case."""
+    affine = case.native_affine
+    return ScanInfo(shape=case.native_shape, spacing=tuple(float(v) for v in nib.affines.voxel_sizes(affine)),
+                    orientation="".join(nib.aff2axcodes(affine)), affine=affine)
+
+
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
     """Number and voxel sizes of the 26-connected lesions, labelled on the mask's bounding box only."""
     if not mask.any():
@@ -123,16 +131,20 @@ def segment_scan(
 ) -> ScanSegmentation:
     """Segment one NIfTI scan (ScanError with a reason if the file is unusable).
 
-    With ``cache_dir`` and ``image_hash`` the preprocessing comes from (or goes to) the cache.
+    With ``cache_dir`` and ``image_hash`` (the catalog's, so the file was validated) the preprocessing
+    comes from (or goes to) the cache, and on a hit the scan file is not read at all: its geometry is
+    in the cached case.
     """
     t0 = time.perf_counter()
-    image, info = read_image(Path(image_path))
-    t_read = time.perf_counter()
     case: PreprocessedCase
     if cache_dir is not None and image_hash:
+        t_read = t0
         path, _ = cached_preprocess(Path(cache_dir), Path(image_path), image_hash, ensemble.preprocess)
         case = load_preprocessed(path)
+        info = _native_info(case)
     else:
+        image, info = read_image(Path(image_path))
+        t_read = time.perf_counter()
         case = preprocess_arrays(image, info.affine, None, ensemble.preprocess)
     t_pre = time.perf_counter()
     out = predict_ensemble(ensemble.members, case.image, overlap=overlap, tta=tta, device=ensemble.device,
