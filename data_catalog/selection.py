@@ -1,85 +1,188 @@
-"""Which pseudo-labels enter training: an auditable, configurable selection rule.
+"""Which pseudo-labels enter training: a calibrated, auditable selection rule.
 
-The paper picked the best prediction per scan by hand (section 3.5). Here every candidate carries
-confidence scores computed from the ensemble (``viola_models.predict.confidence_scores``), and a
-rule made of thresholds and a top fraction decides; each decision is recorded with its reason.
+The paper picked the best prediction per scan by hand (section 3.5). Here the ensemble scores
+every candidate (``viola_models.predict.confidence_scores``), a calibration learnt where the
+truth is known (the members' out-of-fold predictions of labelled scans) turns the score into a
+predicted Dice, and the rule keeps the pseudo-labels whose predicted Dice reaches a target
+quality. Every decision is recorded with its reason.
+
+Empty consensus (no member finds blood) is its own category: it has no score, is never ranked
+above a lesion the members agree on, is off by default and, when allowed, capped as a fraction
+of the selected set.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["SelectionRule", "select_pseudo_labels"]
+__all__ = ["Calibration", "SelectionRule", "fit_calibration", "select_pseudo_labels"]
+
+ScoreName = Literal["agreement", "union_agreement", "mean_max_probability"]
+
+
+@dataclass
+class Calibration:
+    """A monotone map from a confidence score to the expected Dice of the ensemble's mask.
+
+    ``x``/``y``: the knots of a non-decreasing piecewise-linear curve (isotonic regression of the
+    true Dice on the score); outside the knots the curve is flat. ``kind`` is ``"isotonic"``, or
+    ``"identity"`` when there were too few points to fit (the score itself is then taken as the
+    predicted Dice, and the rule says so). ``spearman``: rank correlation of score and true Dice
+    over the points it was fitted on.
+    """
+
+    score: str
+    kind: str
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    n_points: int = 0
+    spearman: float = float("nan")
+
+    def predict(self, scores: Sequence[float] | np.ndarray | float) -> np.ndarray:
+        """Predicted Dice for each score; NaN stays NaN."""
+        s = np.asarray(scores, dtype=np.float64)
+        if self.kind == "identity" or not self.x:
+            return np.clip(s, 0.0, 1.0)
+        out = np.interp(s, self.x, self.y)
+        return np.where(np.isnan(s), np.nan, out)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        return cls(**{k: data[k] for k in ("score", "kind", "x", "y", "n_points", "spearman") if k in data})
+
+    def describe(self) -> str:
+        if self.kind == "identity":
+            return f"{self.score} taken as Dice (uncalibrated: {self.n_points} point(s))"
+        return f"{self.score} calibrated on {self.n_points} out-of-fold point(s), Spearman {self.spearman:.2f}"
+
+
+def fit_calibration(scores: Sequence[float], dice: Sequence[float], score: str, min_points: int = 5) -> Calibration:
+    """Fit the score -> true Dice relation by isotonic regression (non-decreasing, within [0, 1]).
+
+    Points with a NaN score or Dice are ignored; with fewer than ``min_points`` left, or fewer
+    than two distinct scores, the result is the identity fallback.
+    """
+    from scipy.stats import spearmanr
+    from sklearn.isotonic import IsotonicRegression
+
+    s = np.asarray(scores, dtype=np.float64)
+    d = np.asarray(dice, dtype=np.float64)
+    ok = ~(np.isnan(s) | np.isnan(d))
+    s, d = s[ok], d[ok]
+    n = len(s)
+    rho = float(spearmanr(s, d).statistic) if n >= 3 and np.ptp(s) > 0 and np.ptp(d) > 0 else float("nan")
+    if n < max(2, min_points) or np.ptp(s) == 0:
+        return Calibration(score=score, kind="identity", n_points=n, spearman=rho)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(s, d)
+    return Calibration(score=score, kind="isotonic", x=[float(v) for v in iso.X_thresholds_],
+                       y=[float(v) for v in iso.y_thresholds_], n_points=n, spearman=rho)
 
 
 class SelectionRule(BaseModel):
-    """Thresholds on the ensemble's confidence, then the most agreed-upon fraction.
+    """Keep the pseudo-labels whose predicted Dice reaches a target quality.
 
-    ``min_agreement``: mean pairwise Dice between members' masks; ``min_mean_probability``: mean
-    ensemble probability inside the lesion; ``max_volume_cv``: spread of the members' volumes;
-    ``top_fraction``/``max_count``: of the scans passing the thresholds, keep the best by agreement;
-    ``allow_empty``: accept scans where every member agrees there is no blood (negative examples).
+    ``score``: the confidence score that is calibrated and ranked; ``min_predicted_dice``: the
+    target quality (``"keep pseudo-labels with predicted Dice >= 0.8"``); ``max_volume_cv``:
+    optionally refuse scans whose members disagree on the volume; ``top_fraction``/``max_count``:
+    of the scans reaching the target, keep the best by predicted Dice; ``allow_empty``: accept
+    scans where no member finds blood (negative examples), at most ``max_empty_fraction`` of the
+    selected set; ``min_calibration_points``: fewer out-of-fold points than this and the score is
+    taken as the predicted Dice (logged as uncalibrated).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_agreement: float = Field(0.7, ge=0, le=1)
-    min_mean_probability: float = Field(0.6, ge=0, le=1)
-    max_volume_cv: float = Field(0.5, ge=0)
+    score: ScoreName = "agreement"
+    min_predicted_dice: float = Field(0.8, ge=0, le=1)
+    max_volume_cv: float | None = Field(None, ge=0)
     top_fraction: float = Field(1.0, gt=0, le=1)
     max_count: int | None = Field(None, ge=0)
-    allow_empty: bool = True
+    allow_empty: bool = False
+    max_empty_fraction: float = Field(0.2, ge=0, lt=1)
+    min_calibration_points: int = Field(5, ge=2)
 
     def describe(self) -> str:
-        parts = [f"agreement>={self.min_agreement:g}", f"mean_probability>={self.min_mean_probability:g}",
-                 f"volume_cv<={self.max_volume_cv:g}"]
+        parts = [f"predicted Dice>={self.min_predicted_dice:g} from {self.score}"]
+        if self.max_volume_cv is not None:
+            parts.append(f"volume_cv<={self.max_volume_cv:g}")
         if self.top_fraction < 1:
-            parts.append(f"top {self.top_fraction:.0%} by agreement")
+            parts.append(f"top {self.top_fraction:.0%}")
         if self.max_count is not None:
             parts.append(f"at most {self.max_count}")
-        if not self.allow_empty:
-            parts.append("no empty masks")
+        parts.append(f"empty consensus up to {self.max_empty_fraction:.0%}" if self.allow_empty else "no empty masks")
         return ", ".join(parts)
 
 
-def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule) -> pd.DataFrame:
-    """Add ``selected`` (bool), ``decision`` (why) and ``rule`` columns to per-scan scores.
+_NEEDED = {"scan_id", "consensus", "volume_cv", "volume_ml"}
 
-    ``scores`` needs columns scan_id, agreement, mean_probability, volume_cv, volume_ml. Ties in
-    agreement are broken by mean probability, then scan id, so the result is deterministic.
+
+def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration: Calibration | None = None
+                         ) -> pd.DataFrame:
+    """Add ``predicted_dice``, ``selected`` (bool), ``decision`` (why) and ``rule`` to per-scan scores.
+
+    ``scores`` has one row per candidate with scan_id, consensus, the rule's score column,
+    volume_cv and volume_ml; a row with a non-empty ``error`` (a scan that could not be
+    predicted) is kept and rejected with that reason. Ranking: predicted Dice, then the raw
+    score, then scan id, so the result is deterministic. Empty-consensus scans come after every
+    lesion-bearing scan and fill at most ``max_empty_fraction`` of the selected set.
     """
-    needed = {"scan_id", "agreement", "mean_probability", "volume_cv", "volume_ml"}
-    missing = needed - set(scores.columns)
+    missing = (_NEEDED | {rule.score}) - set(scores.columns)
     if missing:
         raise ValueError(f"scores lack column(s) {sorted(missing)}")
-    out = scores.copy()
-    reasons = []
+    calibration = calibration or Calibration(score=rule.score, kind="identity")
+    if calibration.score != rule.score:
+        raise ValueError(f"calibration is for {calibration.score!r} but the rule ranks by {rule.score!r}")
+    out = scores.copy().reset_index(drop=True)
+    if "error" not in out:
+        out["error"] = ""
+    out["error"] = out["error"].fillna("").astype(str)
+    out["predicted_dice"] = calibration.predict(pd.to_numeric(out[rule.score], errors="coerce").to_numpy())
+    decision = []
     for r in out.itertuples():
         why = []
-        if r.agreement < rule.min_agreement:
-            why.append(f"agreement {r.agreement:.3f} < {rule.min_agreement:g}")
-        if r.mean_probability < rule.min_mean_probability:
-            why.append(f"mean probability {r.mean_probability:.3f} < {rule.min_mean_probability:g}")
-        if r.volume_cv > rule.max_volume_cv:
-            why.append(f"volume CV {r.volume_cv:.3f} > {rule.max_volume_cv:g}")
-        if not rule.allow_empty and r.volume_ml == 0:
-            why.append("empty mask")
-        reasons.append("; ".join(why))
-    out["decision"] = reasons
-    passing = out[out["decision"] == ""].sort_values(
-        ["agreement", "mean_probability", "scan_id"], ascending=[False, False, True]
-    )
+        if r.error:
+            why.append(f"not predicted: {r.error}")
+        elif r.consensus == "empty":
+            if not rule.allow_empty:
+                why.append("empty consensus (empty pseudo-labels are off)")
+        elif r.consensus == "disputed":
+            why.append("disputed: some members find blood but the ensemble mask is empty")
+        else:
+            if not r.predicted_dice >= rule.min_predicted_dice:  # NaN fails too
+                why.append(f"predicted Dice {r.predicted_dice:.3f} < {rule.min_predicted_dice:g}")
+            if rule.max_volume_cv is not None and r.volume_cv > rule.max_volume_cv:
+                why.append(f"volume CV {r.volume_cv:.3f} > {rule.max_volume_cv:g}")
+        decision.append("; ".join(why))
+    out["decision"] = decision
+    passing = out[(out["decision"] == "") & (out["consensus"] == "lesion")].sort_values(
+        ["predicted_dice", rule.score, "scan_id"], ascending=[False, False, True])
     # floor, so "top 50%" of 3 keeps 1; but a non-empty pass list always keeps its best
     keep = max(1, math.floor(rule.top_fraction * len(passing) + 1e-9)) if len(passing) else 0
     if rule.max_count is not None:
         keep = min(keep, rule.max_count)
-    kept = set(passing["scan_id"].iloc[:keep])
+    kept = list(passing["scan_id"].iloc[:keep])
     ranked_out = set(passing["scan_id"].iloc[keep:])
-    out["selected"] = out["scan_id"].isin(kept)
-    out.loc[out["scan_id"].isin(ranked_out), "decision"] = "passed the thresholds but ranked below the top fraction"
+    empties = out[(out["decision"] == "") & (out["consensus"] == "empty")].sort_values("scan_id")
+    # empties may make up at most max_empty_fraction of the final set: e <= f / (1 - f) * lesions
+    n_empty = min(len(empties), math.floor(rule.max_empty_fraction / (1 - rule.max_empty_fraction) * len(kept) + 1e-9))
+    if rule.max_count is not None:
+        n_empty = min(n_empty, rule.max_count - len(kept))
+    kept_empty = set(empties["scan_id"].iloc[:n_empty])
+    capped_empty = set(empties["scan_id"].iloc[n_empty:])
+    out["selected"] = out["scan_id"].isin(set(kept) | kept_empty)
+    out.loc[out["scan_id"].isin(ranked_out), "decision"] = "reached the target but ranked below the top fraction"
+    out.loc[out["scan_id"].isin(capped_empty), "decision"] = (
+        f"empty consensus beyond the cap ({rule.max_empty_fraction:.0%} of the selected set)")
     out.loc[out["selected"], "decision"] = "selected"
-    out["rule"] = rule.describe()
+    out["rule"] = f"{rule.describe()}; {calibration.describe()}"
     return out

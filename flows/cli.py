@@ -186,7 +186,8 @@ def predict(
     def progress(i: int, n: int, row: dict) -> None:
         if row["status"] == "ok":
             typer.echo(f"[{i}/{n}] {row['file_name']}: {row['predicted_volume_ml']} ml in {row['n_lesions']} "
-                       f"lesion(s), confidence {row['confidence']}, {row['inference_seconds']} s")
+                       f"lesion(s), agreement {row['agreement']}, predicted Dice {row['predicted_dice']}, "
+                       f"{row['inference_seconds']} s")
         else:
             typer.echo(f"[{i}/{n}] {row['file_name']}: rejected: {row['reason']}")
 

@@ -7,11 +7,13 @@ resolved against the current directory once, here, at the edge.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.selection import SelectionRule
@@ -54,12 +56,49 @@ class MembersSettings(BaseModel):
     folds: list[int] | None = None  # None: all folds
 
 
+class CalibrationSettings(BaseModel):
+    """How the selection rule's score is calibrated: each fold's members predict their own
+    validation scans (out of fold), plus ``views`` perturbed copies of each (see
+    ``viola_models.quality``); more views help when the labelled scans are few."""
+
+    model_config = ConfigDict(extra="forbid")
+    views: int = Field(0, ge=0, le=16)
+    overlap: float = Field(0.5, ge=0, lt=1)
+
+
 class PseudoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     overlap: float = Field(0.5, ge=0, lt=1)
     tta: bool = False
     rule: SelectionRule = Field(default_factory=SelectionRule)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     overlays: int = 4  # PNG overlays logged for this many selected and this many rejected scans
+
+
+class StudentSettings(BaseModel):
+    """How a round >= 1 trains its members (the student) on labelled + pseudo-labelled scans.
+
+    ``init``: ``teacher`` fine-tunes the previous round's member (the paper), ``scratch`` trains a
+    new network with the round-0 settings (noisy student); ``pseudo_weight``: ``uniform`` (the
+    paper) or ``predicted_dice`` (each pseudo-label's loss weighted by its calibrated predicted
+    Dice; labelled scans weigh 1); ``labelled_only_steps``: a last fine-tune of that many steps on
+    the labelled scans alone (0: none).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    init: Literal["teacher", "scratch"] = "teacher"
+    pseudo_weight: Literal["uniform", "predicted_dice"] = "uniform"
+    labelled_only_steps: int = Field(0, ge=0)
+
+
+class RoundSettings(BaseModel):
+    """What one call runs: ``control`` adds the equal-compute control arm to each round >= 1 (the
+    same round without pseudo-labels); ``skip_unchanged`` skips a round whose inputs did not change
+    since the last pseudo-label round (new unlabelled scans, catalog or profile)."""
+
+    model_config = ConfigDict(extra="forbid")
+    control: bool = False
+    skip_unchanged: bool = True
 
 
 class EvaluateSettings(BaseModel):
@@ -92,18 +131,50 @@ class PipelineSettings(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     finetune: dict[str, Any] = Field(default_factory=dict)  # TrainSettings fields changed for rounds >= 1
     pseudo: PseudoSettings = Field(default_factory=PseudoSettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    round: RoundSettings = Field(default_factory=RoundSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     device: str = "auto"  # auto: CUDA when present
 
+    @model_validator(mode="after")
+    def _check_finetune(self) -> PipelineSettings:
+        try:
+            self.train_settings(1, self.members.architectures[0], 0)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"finetune.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        if self.pseudo.rule.score in ("agreement", "union_agreement") and len(self.members.architectures) < 2:
+            raise ValueError(f"pseudo.rule.score = {self.pseudo.rule.score!r} compares members of one fold: it "
+                             "needs at least two architectures (or use 'mean_max_probability')")
+        return self
+
     def train_settings(self, round_: int, architecture: str, fold: int) -> TrainSettings:
-        """The training settings of one member: round 0 supervised, later rounds fine-tuning."""
+        """The training settings of one member: round 0 supervised; later rounds fine-tune the
+        teacher (``finetune`` changes) or, with ``student.init = "scratch"``, train as round 0 does."""
         base = self.train.model_dump()
-        if round_ >= 1:
+        if round_ >= 1 and self.student.init == "teacher":
             base.update(self.finetune)
         base.update(model=architecture, seed=self.train.seed + 1000 * round_ + 10 * fold)
         return TrainSettings.model_validate(base)
+
+    def labelled_only_settings(self, round_: int, architecture: str, fold: int) -> TrainSettings | None:
+        """The last labelled-only fine-tune of a round >= 1 (None when ``student.labelled_only_steps`` is 0)."""
+        steps = self.student.labelled_only_steps
+        if round_ < 1 or steps == 0:
+            return None
+        base = self.train.model_dump() | self.finetune
+        base.update(model=architecture, seed=self.train.seed + 1000 * round_ + 10 * fold + 5, max_steps=steps,
+                    warmup_steps=min(base.get("warmup_steps", 0), steps // 5),
+                    val_every=min(base.get("val_every", steps), steps))
+        return TrainSettings.model_validate(base)
+
+    def digest(self) -> str:
+        """A hash of everything that decides a round's result (not where it runs or when)."""
+        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name"})
+        data["data"].pop("root", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def work_dir(self) -> Path:
@@ -137,7 +208,8 @@ def load_profile(profile: str | Path, data_root: str | Path | None = None) -> Pi
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ProfileError(f"profile {path}: {where}: {first['msg']} ({e.error_count()} error(s) in all)") from None
+        where = f"{where}: " if where else ""
+        raise ProfileError(f"profile {path}: {where}{first['msg']} ({e.error_count()} error(s) in all)") from None
     settings.data.root = settings.data.root.expanduser().resolve()
     folds = settings.members.folds
     if folds is not None and any(f < 0 or f >= settings.data.n_folds for f in folds):

@@ -76,7 +76,8 @@ def test_masks_keep_each_scans_geometry_and_header(ensemble_dir, scans, tmp_path
         m = nib.load(tmp_path / "out" / r.file_name)
         ml = float(np.asarray(m.dataobj).sum()) * float(np.prod(m.header.get_zooms()[:3])) / 1000
         assert r.predicted_volume_ml == pytest.approx(ml, abs=1e-3)
-        assert 0 <= r.confidence <= 1 and r.inference_seconds > 0
+        assert r.consensus in ("lesion", "empty", "disputed") and r.inference_seconds > 0
+        assert np.isnan(r.predicted_dice)  # this ensemble carries no calibration
 
 
 def test_volumes_of_a_known_mask(ensemble_dir, tmp_path, monkeypatch):
@@ -96,7 +97,8 @@ def test_volumes_of_a_known_mask(ensemble_dir, tmp_path, monkeypatch):
     row = segment.predict_folder(tmp_path / "in", tmp_path / "out", ens).iloc[0]
     true_ml = lab.sum() * 2.0 * 2.0 * 5.0 / 1000
     assert row.predicted_volume_ml == pytest.approx(true_ml, rel=0.08)
-    assert row.n_lesions == 2 and row.confidence == 1.0
+    assert row.n_lesions == 2 and row.agreement == 1.0 and row.union_agreement == 1.0
+    assert row.consensus == "lesion" and row.mean_max_probability == 1.0
     assert 0 < row.largest_lesion_ml < row.predicted_volume_ml
     assert row.abc2_volume_ml == pytest.approx(true_ml, rel=0.5)
 

@@ -111,4 +111,82 @@ def test_pairwise_dice():
     m[1, :2] = True
     m[2, :1] = True  # dice(0,1)=1, dice(0,2)=dice(1,2)=2*4/(8+4)=2/3
     assert pairwise_dice(m) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
-    assert math.isclose(pairwise_dice(m[:1]), 1.0)
+    assert math.isnan(pairwise_dice(m[:1]))  # one member agrees with nobody
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(cases, tmp_path):
+    """Batches and augmentations are a function of (seed, step): resuming continues the same stream."""
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_8(step, metrics):
+        if step >= 8:
+            raise Killed
+
+    s = _settings(max_steps=12, val_every=4, log_every=1)
+    straight = fit(cases[:3], cases[3:], s, tmp_path / "straight")
+    with pytest.raises(Killed):
+        fit(cases[:3], cases[3:], s, tmp_path / "killed", callbacks=TrainCallbacks(on_log=kill_at_8))
+    resumed = fit(cases[:3], cases[3:], s, tmp_path / "killed")
+    assert resumed.resumed_from == 4 and resumed.best_dice == straight.best_dice  # last.pt of step 4
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_batches_are_a_function_of_the_step():
+    from viola_models.training import StepBatches
+
+    whole = list(StepBatches(5, 2, seed=3, start_step=0, max_steps=9))
+    assert list(StepBatches(5, 2, seed=3, start_step=4, max_steps=9)) == whole[4:]
+    # each epoch visits every item once: samples 0..4 and 5..9 are permutations of the 5 items
+    flat = [i for batch in whole for i, _ in batch]
+    assert sorted(flat[:5]) == sorted(flat[5:10]) == list(range(5))
+    assert len({seed for batch in whole for _, seed in batch}) == 18  # one augmentation seed per sample
+    assert list(StepBatches(5, 2, seed=4, start_step=0, max_steps=9)) != whole
+
+
+def test_the_reuse_key_covers_item_content_and_initial_weights(cases, tmp_path):
+    from viola_models.training import fit_digest
+
+    s = _settings()
+    base = fit_digest(cases[:3], cases[3:], s)
+    assert fit_digest(cases[:3], cases[3:], s) == base
+    # a training item whose content changed has another cache name (content address)
+    changed = [cases[0].with_name("0" * 32 + ".npz"), *cases[1:3]]
+    assert fit_digest(changed, cases[3:], s) != base
+    assert fit_digest(cases[:3], cases[2:], s) != base  # validation set
+    assert fit_digest(cases[:3], cases[3:], s, item_weights=[1, 1, 0.5]) != base
+    w1 = tmp_path / "a.pt"
+    torch.save({"state_dict": {}}, w1)
+    with_init = fit_digest(cases[:3], cases[3:], s, init_weights=w1)
+    w2 = tmp_path / "b.pt"
+    w2.write_bytes(w1.read_bytes())
+    assert fit_digest(cases[:3], cases[3:], s, init_weights=w2) == with_init  # same content, other name
+    torch.save({"state_dict": {"x": torch.ones(1)}}, w1)
+    assert fit_digest(cases[:3], cases[3:], s, init_weights=w1) != with_init
+
+
+def test_sample_weights_scale_each_cases_loss():
+    loss_fn = lambda out, lab: out.float().mean()  # noqa: E731 - a probe: the mean logit of the sample(s)
+    label = torch.zeros(2, 1, 2, 2, 2)
+    out = torch.stack([torch.full((2, 2, 2, 2), 1.0), torch.full((2, 2, 2, 2), 3.0)])  # (B=2, C, X, Y, Z)
+    plain = deep_supervision_loss(out, label, loss_fn)
+    assert deep_supervision_loss(out, label, loss_fn, torch.ones(2)).item() == pytest.approx(plain.item())
+    assert deep_supervision_loss(out, label, loss_fn, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+    assert deep_supervision_loss(out, label, loss_fn, torch.tensor([0.5, 1.0])).item() == pytest.approx(1.75)
+
+
+def test_a_planted_last_checkpoint_never_runs_code(cases, tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "last.pt").write_bytes(pickle.dumps({"digest": Payload()}))
+    with pytest.raises(ValueError, match=r"last\.pt is not a resumable checkpoint"):
+        fit(cases[:3], cases[3:], _settings(), out)
+    assert not (tmp_path / "pwned").exists()

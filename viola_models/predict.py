@@ -29,6 +29,7 @@ __all__ = [
     "confidence_scores",
     "load_ensemble_manifest",
     "load_member",
+    "SCORE_NAMES",
     "pairwise_dice",
     "predict_ensemble",
     "sliding_window_probability",
@@ -175,11 +176,14 @@ def make_predictors(
 
 
 def pairwise_dice(masks: torch.Tensor) -> float:
-    """Mean Dice over all pairs of the (M, ...) boolean masks; 1.0 when every pair is empty."""
-    m = masks.reshape(masks.shape[0], -1).float()
+    """Mean Dice over all pairs of the (M, ...) boolean masks; a pair of empty masks counts 1.0.
+
+    NaN for fewer than two members (agreement needs someone to agree with).
+    """
+    m = masks.reshape(masks.shape[0], -1).float()  # (M, N)
     if m.shape[0] < 2:
-        return 1.0
-    inter = m @ m.T
+        return float("nan")
+    inter = m @ m.T  # (M, M) overlaps
     sizes = m.sum(1)
     scores = []
     for i, j in itertools.combinations(range(m.shape[0]), 2):
@@ -188,20 +192,50 @@ def pairwise_dice(masks: torch.Tensor) -> float:
     return float(np.mean(scores))
 
 
-def confidence_scores(out: EnsembleOutput, voxel_volume_ml: float, threshold: float = 0.5) -> dict[str, float]:
-    """Scores that decide whether a pseudo-label is trusted (section "pseudo-labelling").
+SCORE_NAMES = ("agreement", "union_agreement", "mean_max_probability")
+"""Confidence scores a selection rule can rank and calibrate on (see :func:`confidence_scores`)."""
 
-    ``agreement``: mean pairwise Dice of the members' masks; ``mean_probability``: mean ensemble
-    probability inside the ensemble's lesion (1.0 when it finds none); ``volume_cv``: coefficient of
-    variation of the members' lesion volumes (0 when all find none); ``volume_ml`` on this grid.
+
+def confidence_scores(member_probs: torch.Tensor, voxel_volume_ml: float, threshold: float = 0.5) -> dict:
+    """How much to trust the ensemble's mask of one scan, from its members' probabilities.
+
+    ``member_probs``: (M, X, Y, Z) foreground probabilities on the preprocessed grid. Returns:
+
+    * ``consensus``: ``"empty"`` when no member finds blood, ``"disputed"`` when some member does
+      but the ensemble mask is empty, else ``"lesion"``. An empty consensus is its own category:
+      every score below is NaN for it, so it can never outrank a lesion the members agree on.
+    * ``agreement``: mean pairwise Dice of the members' masks (NaN with one member).
+    * ``union_agreement``: the fraction of the union of the members' masks where all members
+      agree (|intersection| / |union|; NaN with one member).
+    * ``mean_max_probability``: mean of max(p, 1 - p) of the ensemble probability p over that
+      union: 1 where the members are sure, 0.5 where they are split.
+    * ``volume_cv``: coefficient of variation of the members' lesion volumes; ``volume_ml``: the
+      ensemble mask's volume on this grid; ``n_members``.
     """
-    masks = out.member_probs >= threshold
-    ens = out.mean_prob >= threshold
-    vols = masks.reshape(masks.shape[0], -1).sum(1).double() * voxel_volume_ml
+    probs = member_probs.float()
+    mean_prob = probs.mean(0)
+    masks = probs >= threshold  # (M, X, Y, Z)
+    union = masks.any(0)
+    ens = mean_prob >= threshold
+    n_members = int(masks.shape[0])
+    n_union = int(union.sum())
+    vols = masks.reshape(n_members, -1).sum(1).double() * voxel_volume_ml  # (M,) ml
     mean_vol = float(vols.mean())
+    nan = float("nan")
+    consensus = "empty" if n_union == 0 else ("lesion" if bool(ens.any()) else "disputed")
+    if consensus == "empty":
+        agreement = union_agreement = max_prob = nan
+    else:
+        agreement = pairwise_dice(masks)
+        union_agreement = float(masks.all(0).sum()) / n_union if n_members >= 2 else nan
+        p = mean_prob[union]
+        max_prob = float(torch.maximum(p, 1.0 - p).mean())
     return {
-        "agreement": pairwise_dice(masks),
-        "mean_probability": float(out.mean_prob[ens].mean()) if ens.any() else 1.0,
+        "consensus": consensus,
+        "n_members": n_members,
+        "agreement": agreement,
+        "union_agreement": union_agreement,
+        "mean_max_probability": max_prob,
         "volume_cv": float(vols.std(unbiased=False) / mean_vol) if mean_vol > 0 else 0.0,
         "volume_ml": float(ens.sum()) * voxel_volume_ml,
     }

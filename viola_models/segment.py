@@ -30,6 +30,7 @@ from data_catalog.preprocessing import (
     preprocess_arrays,
 )
 from data_catalog.scans import ScanInfo, read_image
+from data_catalog.selection import Calibration
 from viola_models.metrics import abc2_volume_ml
 from viola_models.predict import (
     MemberCheckpoint,
@@ -54,6 +55,13 @@ class Ensemble:
     device: torch.device
     predictors: list[Callable] = field(default_factory=list)
     source: str = ""
+    calibration: Calibration | None = None  # score -> predicted Dice, learnt out of fold by the round
+
+    def predicted_dice(self, scores: dict) -> float:
+        """The calibrated quality estimate of one segmentation's scores (NaN without calibration)."""
+        if self.calibration is None:
+            return float("nan")
+        return float(self.calibration.predict(scores.get(self.calibration.score, float("nan"))))
 
     @property
     def names(self) -> list[str]:
@@ -77,8 +85,12 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = 
     folder = Path(folder)
     paths = list(checkpoints) if checkpoints else load_ensemble_manifest(folder)
     manifest = folder / "ensemble.json"
+    calibration = None
     if manifest.exists():
-        pre = PreprocessSettings.model_validate(json.loads(manifest.read_text())["preprocess"])
+        data = json.loads(manifest.read_text())
+        pre = PreprocessSettings.model_validate(data["preprocess"])
+        if data.get("calibration"):
+            calibration = Calibration.from_dict(data["calibration"])
     else:
         log.warning("%s has no ensemble.json: assuming the paper's default preprocessing", folder)
         pre = PreprocessSettings()
@@ -87,7 +99,7 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = 
     sizes = {tuple(m.patch_size) for _, m in members}
     log.info("ensemble of %d member(s) on %s, patch size(s) %s", len(members), device, sorted(sizes))
     return Ensemble(members=members, preprocess=pre, device=device,
-                    predictors=make_predictors(members, device, amp), source=str(folder))
+                    predictors=make_predictors(members, device, amp), source=str(folder), calibration=calibration)
 
 
 @dataclass
@@ -96,7 +108,7 @@ class ScanSegmentation:
 
     mask: np.ndarray  # uint8 (X, Y, Z), the scan's shape
     info: ScanInfo
-    scores: dict[str, float]  # agreement, mean_probability, volume_cv (ensemble, preprocessed grid)
+    scores: dict  # viola_models.predict.confidence_scores (preprocessed grid) and predicted_dice
     volume_ml: float
     abc2_volume_ml: float
     n_lesions: int
@@ -151,7 +163,8 @@ def segment_scan(
                            predictors=ensemble.predictors)
     t_net = time.perf_counter()
     voxel_ml = float(np.prod(case.spacing)) / 1000.0
-    scores = confidence_scores(out, voxel_ml)
+    scores = confidence_scores(out.member_probs, voxel_ml)
+    scores["predicted_dice"] = ensemble.predicted_dice(scores)
     prob = invert_to_native(out.mean_prob[None], case.affine, case.native_affine, case.native_shape)
     mask = (prob[0] >= 0.5).to(torch.uint8).cpu().numpy()
     t_inv = time.perf_counter()
@@ -175,7 +188,8 @@ def segment_scan(
 
 PREDICTION_COLUMNS = [
     "file_name", "status", "reason", "predicted_volume_ml", "abc2_volume_ml", "n_lesions", "largest_lesion_ml",
-    "confidence", "mean_probability", "volume_cv", "inference_seconds",
+    "consensus", "predicted_dice", "agreement", "union_agreement", "mean_max_probability", "volume_cv",
+    "inference_seconds",
 ]
 
 
@@ -228,9 +242,9 @@ def predict_folder(
             row.update(status="ok", predicted_volume_ml=round(seg.volume_ml, 3),
                        abc2_volume_ml=round(seg.abc2_volume_ml, 3), n_lesions=seg.n_lesions,
                        largest_lesion_ml=round(seg.largest_lesion_ml, 3),
-                       confidence=round(seg.scores["agreement"], 4),
-                       mean_probability=round(seg.scores["mean_probability"], 4),
-                       volume_cv=round(seg.scores["volume_cv"], 4), inference_seconds=round(seg.seconds, 3))
+                       consensus=seg.scores["consensus"], inference_seconds=round(seg.seconds, 3),
+                       **{k: round(seg.scores[k], 4) for k in ("predicted_dice", "agreement", "union_agreement",
+                                                              "mean_max_probability", "volume_cv")})
             if overlays:
                 image, info = read_image(path)
                 stem = path.name.removesuffix(".gz").removesuffix(".nii")

@@ -9,6 +9,7 @@ tasks log to MLflow through them) without this module knowing about it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ __all__ = [
     "TrainSettings",
     "deep_supervision_loss",
     "fit",
+    "fit_digest",
     "lr_at",
     "make_loaders",
     "validate",
@@ -106,11 +108,6 @@ class TrainSettings(BaseModel):
     num_workers: int = 0
     log_every: int = 10
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
-
-    def digest(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -180,29 +177,88 @@ def _augmentations(settings: TrainSettings) -> list:
     ]
 
 
-def make_loaders(train_items: Sequence[Path], settings: TrainSettings, seed: int | None = None) -> DataLoader:
-    """A loader of augmented patches from the cached cases (all held in memory), seeded."""
+class _SeededSamples(torch.utils.data.Dataset):
+    """Items addressed as (index, sample seed): the random transforms of each sample are seeded by
+    its own seed, so a sample's augmentation does not depend on what was drawn before it."""
+
+    def __init__(self, ds: CacheDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, sample_seed = key
+        self.ds.transform.set_random_state(seed=sample_seed)
+        return self.ds[index]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The batches of steps ``start_step`` .. ``max_steps - 1`` as lists of (index, sample seed).
+
+    A pure function of (seed, step): the g-th sample overall is position g mod N of epoch
+    g div N, whose order is a permutation drawn from (seed, epoch), and its augmentation seed is
+    drawn from (seed, g). Training resumed at step s therefore sees exactly the batches an
+    uninterrupted run sees from step s on, whatever the number of loader workers.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start_step: int, max_steps: int) -> None:
+        self.n, self.batch_size, self.seed = n_items, batch_size, seed
+        self.start_step, self.max_steps = start_step, max_steps
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perms: dict[int, np.ndarray] = {}
+        for step in range(self.start_step, self.max_steps):
+            batch = []
+            for g in range(step * self.batch_size, (step + 1) * self.batch_size):
+                epoch, pos = divmod(g, self.n)
+                if epoch not in perms:
+                    perms.clear()
+                    perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                sample_seed = int(np.random.SeedSequence([self.seed, g]).generate_state(1)[0])
+                batch.append((int(perms[epoch][pos]), sample_seed))
+            yield batch
+
+
+def make_loaders(train_items: Sequence[Path], settings: TrainSettings, seed: int | None = None,
+                 item_weights: Sequence[float] | None = None, start_step: int = 0) -> DataLoader:
+    """A loader of augmented patches from the cached cases (all held in memory): one batch per
+    step from ``start_step`` to ``settings.max_steps``, each a pure function of (seed, step).
+
+    Each batch carries ``weight`` (B,): the loss weight of each patch's case (1 by default).
+    """
     seed = settings.seed if seed is None else seed
+    weights = [1.0] * len(train_items) if item_weights is None else [float(w) for w in item_weights]
+    if len(weights) != len(train_items):
+        raise ValueError(f"{len(weights)} item weight(s) for {len(train_items)} training item(s)")
+    if not train_items:
+        raise ValueError("no training items")
     base = [LoadPreprocessed(), SpatialPadd(["image", "label"], spatial_size=settings.patch_size)]
     transform = Compose(base + _augmentations(settings))
-    transform.set_random_state(seed=seed)
-    ds = CacheDataset(data=[{"path": str(p)} for p in train_items], transform=transform, cache_rate=1.0,
-                      num_workers=0, progress=False)
-    return DataLoader(ds, batch_size=settings.batch_size, shuffle=True, num_workers=settings.num_workers,
-                      drop_last=len(train_items) >= settings.batch_size,
+    ds = CacheDataset(data=[{"path": str(p), "weight": w} for p, w in zip(train_items, weights, strict=True)],
+                      transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+    batches = StepBatches(len(ds), settings.batch_size, seed, start_step, settings.max_steps)
+    # its own generator: creating the loader's iterator must not draw from the global torch stream,
+    # which dropout uses and a resume restores
+    return DataLoader(_SeededSamples(ds), batch_sampler=batches, num_workers=settings.num_workers,
                       generator=torch.Generator().manual_seed(seed))
 
 
-def _batches(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
-def deep_supervision_loss(output: torch.Tensor, label: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+def deep_supervision_loss(output: torch.Tensor, label: torch.Tensor, loss_fn: Callable,
+                          sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Dice + focal on the main output and each head, weights 1, 1/2, 1/4, ... normalised.
 
     ``output``: (B, 1 + n, C, X, Y, Z) in training mode with deep supervision, else (B, C, X, Y, Z).
+    ``sample_weights`` (B,): each sample's loss is scaled by its weight and the batch averaged
+    (per-sample Dice, as the batched loss computes it); all ones gives the unweighted loss.
     """
+    if sample_weights is not None and not bool((sample_weights == 1).all()):
+        per_sample = [deep_supervision_loss(output[i : i + 1], label[i : i + 1], loss_fn)
+                      for i in range(label.shape[0])]
+        return sum(w * loss for w, loss in zip(sample_weights.tolist(), per_sample)) / label.shape[0]
     heads = torch.unbind(output, dim=1) if output.dim() == label.dim() + 1 else (output,)
     weights = [0.5**i for i in range(len(heads))]
     total = sum(w * loss_fn(h.float(), label) for w, h in zip(weights, heads))
@@ -256,7 +312,40 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Global random states, as plain types and tensors (``last.pt`` is read with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.as_tensor(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fit_digest(train_items: Sequence[Path], val_items: Sequence[Path], settings: TrainSettings,
+               init_weights: Path | None = None, item_weights: Sequence[float] | None = None) -> str:
+    """The reuse and resume key of a training run: the settings, the content of every training and
+    validation item (the preprocessing cache names its files by content), the loss weights, and
+    the content of the initial weights. Any change gives a new key, and the run starts again."""
+    payload = {
+        "settings": settings.model_dump(mode="json"),
+        "train": [Path(p).name for p in train_items],
+        "val": [Path(p).name for p in val_items],
+        "weights": None if item_weights is None else [round(float(w), 6) for w in item_weights],
+        "init": _file_sha256(Path(init_weights)) if init_weights else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def fit(
@@ -268,20 +357,23 @@ def fit(
     callbacks: TrainCallbacks | None = None,
     device: torch.device | str | None = None,
     meta: dict[str, Any] | None = None,
+    item_weights: Sequence[float] | None = None,
 ) -> FitResult:
     """Train one network; idempotent and resumable in ``out_dir``.
 
     Writes ``last.pt`` (everything needed to resume) every ``val_every`` steps, ``best.pt`` (a
     member checkpoint: configuration + weights, see ``viola_models.predict.load_member``) whenever
     the validation Dice improves, and ``result.json`` when done; a finished ``out_dir`` with the
-    same settings returns its result without training. ``init_weights`` (a member checkpoint)
-    starts fine-tuning from another network's weights. ``meta`` is stored in ``best.pt``.
+    same :func:`fit_digest` returns its result without training, and a killed one resumes exactly
+    where ``last.pt`` left it (batches and augmentations are a function of the step). ``init_weights``
+    (a member checkpoint) starts fine-tuning from another network's weights; ``item_weights``
+    scales each training item's loss. ``meta`` is stored in ``best.pt``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cb = callbacks or TrainCallbacks()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    digest = settings.digest() + (f"-init:{Path(init_weights).resolve()}" if init_weights else "")
+    digest = fit_digest(train_items, val_items, settings, init_weights, item_weights)
     done_file = out_dir / "result.json"
     if done_file.exists():
         done = json.loads(done_file.read_text())
@@ -307,24 +399,25 @@ def fit(
     step, best_dice, best_step, history = 0, -math.inf, -1, []
     last = out_dir / "last.pt"
     if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=True)
+        except Exception as e:  # a planted or damaged file is never executed, only refused
+            raise ValueError(f"{last} is not a resumable checkpoint ({type(e).__name__}); delete it to start "
+                             "this member again") from None
         if state.get("digest") == digest:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             step, best_dice, best_step = state["step"], state["best_dice"], state["best_step"]
             history = state["history"]
-            torch.set_rng_state(state["rng"]["torch"])
-            np.random.set_state(state["rng"]["numpy"])
-            random.setstate(state["rng"]["python"])
+            _set_rng_state(state["rng"])
             log.info("%s: resuming at step %d (best Dice %.4f)", out_dir.name, step, best_dice)
         else:
-            log.warning("%s: last.pt was written with other settings; starting again", out_dir.name)
+            log.warning("%s: last.pt was written for other inputs or settings; starting again", out_dir.name)
     resumed_from = step
 
-    # after a resume, a fresh augmentation stream for the remaining steps, reproducible from (seed, step)
-    loader = make_loaders(train_items, settings, seed=settings.seed + resumed_from)
-    batches = _batches(loader)
+    loader = make_loaders(train_items, settings, item_weights=item_weights, start_step=resumed_from)
+    batches = iter(loader)
     started = time.perf_counter()
     window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
     n_params = count_parameters(model)
@@ -347,7 +440,7 @@ def fit(
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(image)
-        loss = deep_supervision_loss(out, label, loss_fn)
+        loss = deep_supervision_loss(out, label, loss_fn, batch["weight"].to(device))
         scaler.scale(loss).backward()
         if settings.grad_clip:
             scaler.unscale_(opt)
