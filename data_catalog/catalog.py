@@ -10,8 +10,10 @@ Tables are CSV files in ``DATA_ROOT/viola_catalog/`` (open them in any spreadshe
   that did not change.
 * ``folds_k{K}_seed{S}.csv``: the K-fold split of the labelled scans, seeded; scans labelled later
   join the smallest folds, existing assignments never move.
-* ``pseudo_labels.csv``: per (scan, round): the mask file and its hash, the teacher run, the
-  ensemble members, the confidence scores, whether it was selected, and the rule that decided.
+* ``pseudo_labels.csv``: per (scan, round): the mask file and its hash (none for a scan that could
+  not be predicted), the teacher run, the ensemble members, the consensus and confidence scores,
+  the calibrated predicted Dice, whether it was selected and why (``decision``), the rule that
+  decided, and when.
 
 Every write goes to a temporary file that is renamed into place, under a lock file, so two
 processes never interleave their writes and a crash never leaves a half-written table.
@@ -45,11 +47,14 @@ __all__ = [
     "catalog_dir",
     "catalog_hash",
     "describe",
+    "fold_items",
+    "has_truth",
     "ingest",
     "load_folds",
     "load_pseudo_labels",
     "load_scans",
     "record_pseudo_labels",
+    "truth_pairs",
     "update_folds",
     "usable_scans",
 ]
@@ -64,9 +69,11 @@ SCAN_COLUMNS = [
     "image_size", "image_mtime_ns", "label_size", "label_mtime_ns",
 ]
 PSEUDO_COLUMNS = [
-    "scan_id", "round", "mask_path", "mask_hash", "teacher_run_id", "members", "agreement",
-    "mean_probability", "volume_cv", "volume_ml", "selected", "rule", "created_at",
+    "scan_id", "round", "mask_path", "mask_hash", "teacher_run_id", "members", "consensus", "agreement",
+    "union_agreement", "mean_max_probability", "predicted_dice", "volume_cv", "volume_ml", "selected", "decision",
+    "rule", "created_at",
 ]
+_PSEUDO_NUMBERS = ("agreement", "union_agreement", "mean_max_probability", "predicted_dice", "volume_cv", "volume_ml")
 _NII = (".nii.gz", ".nii")
 _DUPLICATE_REASONS = ("same content as ", "scan id ")  # rejected for a clash only: re-decided on every ingest
 
@@ -396,10 +403,13 @@ def usable_scans(root: Path, role: str | None = None) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def catalog_hash(root: Path) -> str:
-    """A hash of what training sees: the usable scans' ids, roles and content hashes."""
+def catalog_hash(root: Path, role: str | None = None) -> str:
+    """A hash of what training sees: the usable scans' ids, roles and content hashes (of one role
+    only with ``role``: ``catalog_hash(root, "test")`` names the test set a model was scored on)."""
     df = load_scans(root)
     df = df[df["status"] == "ok"].sort_values("scan_id")
+    if role is not None:
+        df = df[df["role"] == role]
     h = hashlib.sha256()
     for r in df[["scan_id", "role", "image_hash", "label_hash", "label_transform"]].itertuples(index=False):
         h.update("|".join(r).encode() + b"\n")
@@ -452,10 +462,32 @@ def load_folds(root: Path, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
     return _typed_folds(_read_csv(_folds_path(root, n_folds, seed), ["scan_id", "fold", "assigned_at"]))
 
 
+def fold_items(labelled: dict[str, str], folds: dict[str, int], fold: int, extra: Iterable[dict] = ()) -> dict:
+    """The training and validation items of one fold's members.
+
+    ``labelled``: {scan_id: item} of the usable labelled scans (items are paths, e.g. cached
+    cases); ``folds``: {scan_id: fold}; ``extra``: more training items ({"cache", "weight"}, e.g.
+    pseudo-labels), which never enter validation. Returns {"train", "weights", "val", "labelled"}
+    in scan-id order, labelled items first.
+    """
+    ids = sorted(s for s in labelled if s in folds)
+    val = [labelled[s] for s in ids if folds[s] == fold]
+    own = [labelled[s] for s in ids if folds[s] != fold]
+    extra = list(extra)
+    return {"train": own + [e["cache"] for e in extra],
+            "weights": [1.0] * len(own) + [float(e["weight"]) for e in extra], "val": val, "labelled": own}
+
+
 # ---------------------------------------------------------------------------------------- lineage
 def record_pseudo_labels(root: Path, rows: Iterable[dict]) -> pd.DataFrame:
-    """Add (or replace, per scan and round) pseudo-label lineage rows; returns the whole table."""
-    new = pd.DataFrame([{**{c: "" for c in PSEUDO_COLUMNS}, **_stringify(r)} for r in rows], columns=PSEUDO_COLUMNS)
+    """Add (or replace, per scan and round) pseudo-label lineage rows; returns the whole table.
+
+    Unknown keys are ignored; ``created_at`` is filled with the current time when not given.
+    """
+    now = _now()
+    new = pd.DataFrame([{**{c: "" for c in PSEUDO_COLUMNS}, "created_at": now,
+                         **{k: v for k, v in _stringify(r).items() if k in PSEUDO_COLUMNS and v != ""}}
+                        for r in rows], columns=PSEUDO_COLUMNS)
     with _locked(root):
         path = catalog_dir(root) / "pseudo_labels.csv"
         table = _read_csv(path, PSEUDO_COLUMNS)
@@ -491,7 +523,7 @@ def load_pseudo_labels(root: Path, round_: int | None = None) -> pd.DataFrame:
     df = _read_csv(catalog_dir(root) / "pseudo_labels.csv", PSEUDO_COLUMNS)
     if len(df):
         df["round"] = df["round"].astype(int)
-        for c in ("agreement", "mean_probability", "volume_cv", "volume_ml"):
+        for c in _PSEUDO_NUMBERS:
             df[c] = pd.to_numeric(df[c], errors="coerce")
         df["selected"] = df["selected"].str.lower() == "true"
     else:
@@ -500,6 +532,37 @@ def load_pseudo_labels(root: Path, round_: int | None = None) -> pd.DataFrame:
     if round_ is not None:
         df = df[df["round"] == round_]
     return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------- hidden truth
+TRUTH_DIR = "unlabelled_truth"
+
+
+def has_truth(root: Path) -> bool:
+    """Whether the root keeps the hidden truth of its unlabelled scans (phantoms do)."""
+    return (Path(root) / TRUTH_DIR).is_dir()
+
+
+def truth_pairs(root: Path) -> list[dict]:
+    """(image, true label) of every usable unlabelled scan, from ``unlabelled_truth/<scan_id>.nii.gz``.
+
+    Only benchmarks use this (the oracle arm); a scan without its truth file is an error, since an
+    oracle with holes would not be one.
+    """
+    root = Path(root).resolve()
+    truth_dir = root / TRUTH_DIR
+    pairs, missing = [], []
+    for r in usable_scans(root, "unlabelled").itertuples():
+        truth = truth_dir / f"{r.scan_id}.nii.gz"
+        if not truth.is_file():
+            missing.append(r.scan_id)
+            continue
+        pairs.append({"scan_id": r.scan_id, "image": str(root / r.image_path), "image_hash": r.image_hash,
+                      "label": str(truth), "label_hash": file_sha256(truth), "weight": 1.0})
+    if missing:
+        raise FileNotFoundError(f"{truth_dir} lacks the truth of {len(missing)} unlabelled scan(s) "
+                                f"({_preview(missing)}): the oracle needs all of them")
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------- display
@@ -518,7 +581,8 @@ def describe(root: Path) -> str:
     for rnd, sub in pl.groupby("round"):
         lines.append(
             f"  round {rnd}: {len(sub)} scans, {int(sub['selected'].sum())} selected, "
-            f"mean agreement {sub['agreement'].mean():.3f}, rule: {sub['rule'].iloc[0]}"
+            f"mean predicted Dice of the selected {sub.loc[sub['selected'], 'predicted_dice'].mean():.3f}, "
+            f"rule: {sub['rule'].iloc[0]}"
         )
     rejected = df[df["status"] == "rejected"]
     lines += ["", f"rejected files: {len(rejected)}"]

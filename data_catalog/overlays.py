@@ -1,4 +1,5 @@
-"""PNG overlays of a mask on the paper's three-window view (its Fig. 1).
+"""Figures: PNG overlays of a mask on the paper's three-window view (its Fig. 1), and the
+calibration curve of the pseudo-label selection.
 
 Columns: [-200, 1300] HU, [0, 100] HU, [-20, 200] HU and the three windows as RGB; rows: the
 axial slices with the most blood. Slices are shown in radiological convention (patient's right
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from data_catalog.scans import atomic_write
+from data_catalog.selection import Calibration
 
-__all__ = ["FIG1_WINDOWS", "overlay_png"]
+__all__ = ["FIG1_WINDOWS", "calibration_png", "overlay_png"]
 
 FIG1_WINDOWS = ((-200.0, 1300.0), (0.0, 100.0), (-20.0, 200.0))
 
@@ -85,6 +88,46 @@ def overlay_png(
 
     try:
         atomic_write(Path(out_path), write)
+    finally:
+        plt.close(fig)
+    return Path(out_path)
+
+
+def calibration_png(points: pd.DataFrame, calibration: Calibration, out_path: Path,
+                    unlabelled: pd.DataFrame | None = None, threshold: float | None = None) -> Path:
+    """Write a PNG of the calibration: the out-of-fold points (score vs true Dice, the perturbed
+    views lighter), the fitted curve, the rule's target, and, when given, the unlabelled scans'
+    scores against their hidden true Dice (phantoms)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    score = calibration.score
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    pts = points[points[score].notna()] if score in points else points.iloc[:0]
+    views = pts["view"] if "view" in pts else pd.Series(0, index=pts.index)
+    ax.scatter(pts.loc[views == 0, score], pts.loc[views == 0, "true_dice"], s=30, color="#1f5fbf",
+               label="out-of-fold scans")
+    if (views > 0).any():
+        ax.scatter(pts.loc[views > 0, score], pts.loc[views > 0, "true_dice"], s=14, color="#1f5fbf", alpha=0.35,
+                   label="perturbed copies")
+    if unlabelled is not None and score in unlabelled and "true_dice" in unlabelled:
+        ax.scatter(unlabelled[score], unlabelled["true_dice"], s=22, marker="x", color="#d0452f",
+                   label="unlabelled (hidden truth)")
+    grid = np.linspace(0, 1, 101)
+    ax.plot(grid, calibration.predict(grid), color="black", lw=1.5, label=f"fit ({calibration.kind})")
+    if threshold is not None:
+        ax.axhline(threshold, color="#888888", ls="--", lw=1, label=f"target Dice {threshold:g}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(score.replace("_", " "))
+    ax.set_ylabel("true Dice")
+    ax.set_title(f"{calibration.n_points} points, Spearman {calibration.spearman:.2f}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    try:
+        atomic_write(Path(out_path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     finally:
         plt.close(fig)
     return Path(out_path)

@@ -168,14 +168,16 @@ def threshold_baseline(image: np.ndarray, lo: float = 50, hi: float = 90) -> np.
 def write_phantom_dataset(out: Path, labelled: int, unlabelled: int, test: int, seed: int,
                           size: str = "small") -> dict:
     """Write a data root of phantoms and return a summary (root, seed, size, split folders, counts, and per case:
-    id, split, scan seed, image/label paths relative to the root, info).
+    id, split, scan seed, image/label/truth paths relative to the root, info).
 
     Layout: ``train/data/<id>.nii.gz`` + ``train/label/<id>.nii.gz`` (labelled), ``unlabelled/<id>.nii.gz``
-    (images only), ``test/data/<id>.nii.gz`` + ``test/label/<id>.nii.gz``. Ids are ``ph_s<seed>_<nnn>`` (train),
-    ``ph_s<seed>_u<nnn>`` (unlabelled) and ``ph_s<seed>_t<nnn>`` (test), unique across the root. A case's scan
-    seed derives from (seed, split, index within split), so adding cases leaves earlier ones unchanged. Every
-    case has a haemorrhage, as in the real training data. Files are written atomically and are byte-reproducible
-    (gzip mtime 0, no file name in the gzip header, fixed NIfTI header fields).
+    (images only), ``test/data/<id>.nii.gz`` + ``test/label/<id>.nii.gz``; the hidden truth of the
+    unlabelled scans goes to ``unlabelled_truth/<id>.nii.gz``, which the catalog never reads: it lets a
+    round measure how good its pseudo-labels really are, and a benchmark train an oracle. Ids are
+    ``ph_s<seed>_<nnn>`` (train), ``ph_s<seed>_u<nnn>`` (unlabelled) and ``ph_s<seed>_t<nnn>`` (test), unique
+    across the root. A case's scan seed derives from (seed, split, index within split), so adding cases leaves
+    earlier ones unchanged. Every case has a haemorrhage, as in the real training data. Files are written
+    atomically and are byte-reproducible (gzip mtime 0, no file name in the gzip header, fixed NIfTI header fields).
     """
     out = Path(out)
     if min(labelled, unlabelled, test) < 0:
@@ -190,17 +192,20 @@ def write_phantom_dataset(out: Path, labelled: int, unlabelled: int, test: int, 
             case_id = f"ph_s{seed:04d}_{tag}{index + 1:03d}"
             ph = generate_phantom(case_seed, size=size)
             if split == "unlabelled":
-                image_rel, label_rel = Path(split) / f"{case_id}.nii.gz", None
+                image_rel, label_rel = Path(split) / f"{case_id}.nii.gz", Path("unlabelled_truth") / f"{case_id}.nii.gz"
             else:
                 image_rel = Path(split) / "data" / f"{case_id}.nii.gz"
                 label_rel = Path(split) / "label" / f"{case_id}.nii.gz"
             _write_nifti(out / image_rel, ph.image, ph.affine)
             if label_rel is not None:
                 _write_nifti(out / label_rel, ph.label, ph.affine)
+            hidden = split == "unlabelled"  # the truth of an unlabelled scan is not its label
             cases.append({"id": case_id, "split": split, "seed": case_seed, "image": image_rel.as_posix(),
-                          "label": None if label_rel is None else label_rel.as_posix(), "info": ph.info})
+                          "label": None if hidden else label_rel.as_posix(),
+                          "truth": label_rel.as_posix() if hidden else None, "info": ph.info})
             logger.info("wrote phantom %s (%s, %.1f ml)", case_id, split, ph.info["total_volume_ml"])
     paths = {"train_data": "train/data", "train_label": "train/label", "unlabelled": "unlabelled",
+             "unlabelled_truth": "unlabelled_truth",
              "test_data": "test/data", "test_label": "test/label"}
     return {"root": str(out), "seed": int(seed), "size": size, "paths": paths,
             "counts": {"labelled": labelled, "unlabelled": unlabelled, "test": test}, "cases": cases}

@@ -99,6 +99,12 @@ def run(
     data: Annotated[Path | None, typer.Option(help="data root (default: the profile's)")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="how many rounds to run from the next one")] = 1,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
+    control: Annotated[bool | None, typer.Option(
+        "--control/--no-control", help="also run each round's equal-compute control (no pseudo-labels); "
+        "default: the profile's [round] control")] = None,
+    oracle: Annotated[bool, typer.Option(help="also run each round's oracle: the unlabelled scans with their "
+                                              "hidden truth (phantoms only)")] = False,
+    force: Annotated[bool, typer.Option(help="run a round even when nothing changed since the last one")] = False,
 ) -> None:
     """Run the next self-training round(s) in this process (Prefect's ephemeral API, no server)."""
     _setup(flows=True)
@@ -112,7 +118,7 @@ def run(
 
     try:
         results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
-                                tracking_uri=tracking_uri)
+                                tracking_uri=tracking_uri, control=control, oracle=oracle, force=force)
     except _KNOWN as e:
         _fail(str(e), code=1)
     for res in results:
@@ -164,16 +170,16 @@ def predict(
     _setup()
     import time
 
-    import torch
-
     from flows.profiles import ProfileError, load_profile
     from tasks.models import resolve_ensemble_dir
-    from viola_models.segment import load_ensemble, predict_folder
+    from viola_models.ensemble import load_ensemble
+    from viola_models.inference import resolve_device
+    from viola_models.segment import predict_folder
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda but no CUDA device is available")
+    try:
+        device = str(resolve_device(device))
+    except ValueError as e:
+        _fail(str(e))
     try:
         settings = load_profile(profile, data)
         folder = resolve_ensemble_dir(model, round, checkpoints, settings.work_dir,

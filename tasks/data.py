@@ -42,7 +42,8 @@ def prepare_data(root: Path, n_folds: int, fold_seed: int = 0, binarize_labels: 
     counts = usable.groupby("role").size().to_dict()
     if counts.get("labelled", 0) < n_folds:
         raise ValueError(f"{root}: {counts.get('labelled', 0)} usable labelled scan(s) cannot fill {n_folds} folds")
-    return {"catalog_hash": catalog.catalog_hash(root), "counts": counts, "n_rejected": len(report.rejected),
+    return {"catalog_hash": catalog.catalog_hash(root), "test_set_hash": catalog.catalog_hash(root, "test"),
+            "has_truth": catalog.has_truth(root), "counts": counts, "n_rejected": len(report.rejected),
             "new_unlabelled": [s for s in report.new if s in set(usable.loc[usable.role == "unlabelled", "scan_id"])],
             "folds": dict(zip(folds.scan_id, folds.fold.astype(int), strict=True))}
 
@@ -76,11 +77,17 @@ def preprocess_catalog(root: Path, cache: Path, settings: PreprocessSettings,
 
 
 @task(name="preprocess-pseudo-labels")
-def preprocess_pairs(items: list[dict], cache: Path, settings: PreprocessSettings) -> list[str]:
-    """Preprocess (image, pseudo-label) pairs through the cache; returns the cached case paths."""
-    paths = []
+def preprocess_pairs(items: list[dict], cache: Path, settings: PreprocessSettings) -> list[dict]:
+    """Preprocess (image, pseudo-label) pairs through the cache; returns {"cache", "weight", "scan_id"}."""
+    out = []
     for item in items:
         path, _ = cached_preprocess(Path(cache), Path(item["image"]), item["image_hash"], settings,
                                     Path(item["label"]), item["label_hash"])
-        paths.append(str(path))
-    return paths
+        out.append({"scan_id": item["scan_id"], "cache": str(path), "weight": float(item.get("weight", 1.0))})
+    return out
+
+
+@task(name="oracle-labels")
+def oracle_pairs(root: Path) -> list[dict]:
+    """The unlabelled scans with their hidden truth as labels (the oracle arm of a benchmark)."""
+    return catalog.truth_pairs(Path(root))

@@ -1,12 +1,30 @@
-"""Where a trained ensemble lives: a registry URI, a round of a data root, or a folder."""
+"""Where a trained ensemble lives: assembled from a round's members, found again from a registry
+URI, a round of a data root, or a folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+from prefect import task
 
+from data_catalog.preprocessing import PreprocessSettings
+from data_catalog.selection import Calibration
 from tasks import tracking
+from viola_models.ensemble import write_ensemble
+
+
+@task(name="assemble-ensemble")
+def assemble_ensemble(folder: Path, members: list[dict], preprocess: PreprocessSettings,
+                      calibration: dict | None = None, points_csv: str = "", **meta) -> str:
+    """The round's ensemble folder from its trained members (and the calibration they were scored with)."""
+    listed = [{k: m[k] for k in ("name", "checkpoint", "architecture", "fold", "val_dice", "run_id")}
+              for m in members]
+    write_ensemble(Path(folder), listed, preprocess,
+                   calibration=Calibration.from_dict(calibration) if calibration else None,
+                   calibration_points=pd.read_csv(points_csv) if points_csv else None, **meta)
+    return str(folder)
 
 
 def resolve_ensemble_dir(model_uri: str | None = None, round_: int | None = None, checkpoints: Path | None = None,

@@ -1,9 +1,11 @@
-"""Pseudo-labelling task: the previous round's ensemble labels the unlabelled scans, a rule selects."""
+"""Pseudo-labelling task: the previous round's ensemble labels the unlabelled scans, its calibrated
+rule selects, and the decisions go to the catalog's lineage and to MLflow."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -11,11 +13,12 @@ import pandas as pd
 from prefect import task
 
 from data_catalog import catalog
-from data_catalog.overlays import overlay_png
-from data_catalog.scans import ScanError, file_sha256, read_image, save_nifti_like
+from data_catalog.overlays import calibration_png, overlay_png
+from data_catalog.scans import read_image
 from data_catalog.selection import SelectionRule, select_pseudo_labels
 from tasks import tracking
-from viola_models.segment import load_ensemble, segment_scan
+from viola_models.ensemble import load_ensemble
+from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
 
 log = logging.getLogger(__name__)
 
@@ -31,87 +34,93 @@ def pseudo_label(
     cache: Path,
     rule: SelectionRule,
     tracking_uri: str,
-    parent_run_id: str,
+    run_id: str,
     overlap: float = 0.5,
     tta: bool = False,
     device: str = "cpu",
     n_overlays: int = 4,
+    weight_by_predicted_dice: bool = False,
 ) -> list[dict]:
-    """Predict every unlabelled scan with the teacher ensemble, score, select, record the lineage.
+    """Label, select, record. Returns the selected pseudo-labels as training pairs:
+    [{"scan_id", "image", "image_hash", "label", "label_hash", "weight"}]; ``weight`` is the
+    predicted Dice with ``weight_by_predicted_dice``, else 1."""
+    t0 = time.perf_counter()
+    teacher: list = []
 
-    Masks go to ``out_dir/<scan_id>.nii.gz`` with the source's header; a scan already labelled by
-    the same teacher (``out_dir/<scan_id>.json``) is not predicted again. Returns the selected
-    pseudo-labels: [{"scan_id", "image", "image_hash", "label", "label_hash"}].
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensemble = None
-    rows, t0 = [], time.perf_counter()
-    for i, (scan_id, scan) in enumerate(sorted(scans.items()), 1):
-        record = out_dir / f"{scan_id}.json"
-        mask_path = out_dir / f"{scan_id}.nii.gz"
-        if record.exists() and mask_path.exists():
-            row = json.loads(record.read_text())
-            if row.get("teacher_run_id") == teacher_run_id and row.get("image_hash") == scan["image_hash"]:
-                rows.append(row)
-                continue
-        if ensemble is None:
-            ensemble = load_ensemble(Path(teacher_dir), device=device)
-        try:
-            seg = segment_scan(Path(scan["image"]), ensemble, overlap=overlap, tta=tta, cache_dir=Path(cache),
-                               image_hash=scan["image_hash"])
-        except ScanError as e:
-            log.warning("pseudo-label: skipping %s: %s", scan_id, e)
-            continue
-        save_nifti_like(seg.mask, Path(scan["image"]), mask_path)
-        row = {"scan_id": scan_id, "round": round_, "image": scan["image"], "image_hash": scan["image_hash"],
-               "mask_path": str(mask_path), "mask_hash": file_sha256(mask_path), "teacher_run_id": teacher_run_id,
-               "members": ensemble.names, **seg.scores, "volume_ml": seg.volume_ml, "seconds": seg.seconds}
-        record.write_text(json.dumps(row))
-        rows.append(row)
-        log.info("pseudo-label %d/%d %s: %.2f ml, agreement %.3f (%.1f s)", i, len(scans), scan_id, seg.volume_ml,
-                 seg.scores["agreement"], seg.seconds)
-    if not rows:
+    def load():
+        teacher.append(load_ensemble(Path(teacher_dir), device=device))
+        return teacher[0]
+
+    table = label_scans(load, scans, Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta)
+    if not len(table):
         return []
-    decided = select_pseudo_labels(pd.DataFrame(rows), rule)
+    # the calibration travels with the teacher: refitted here for the rule's score and minimum
+    manifest_teacher = teacher[0] if teacher else load_ensemble(Path(teacher_dir), device="cpu")
+    calibration = manifest_teacher.calibration_for(rule.score, rule.min_calibration_points)
+    decided = select_pseudo_labels(table, rule, calibration)
     root = Path(data_root)
-    lineage = []
-    for r in decided.to_dict("records"):
-        mask = Path(r["mask_path"])
-        lineage.append({**{k: r[k] for k in ("scan_id", "round", "mask_hash", "teacher_run_id", "members",
-                                             "agreement", "mean_probability", "volume_cv", "volume_ml", "selected",
-                                             "rule")},
-                        "mask_path": str(mask.relative_to(root)) if mask.is_relative_to(root) else str(mask)})
-    catalog.record_pseudo_labels(root, lineage)
+    truth = catalog.has_truth(root)
+    if truth:
+        decided = with_true_dice(decided, root / catalog.TRUTH_DIR)
+    catalog.record_pseudo_labels(root, [_lineage_row(r, round_, root) for r in decided.to_dict("records")])
 
     client = tracking.client_for(tracking_uri)
-    table = decided.drop(columns=["image", "image_hash"]).assign(members=decided["members"].map(json.dumps))
-    tracking.log_table(client, parent_run_id, table, "pseudo/pseudo_labels.csv")
+    shown = decided.drop(columns=[c for c in ("image", "image_hash") if c in decided])
+    tracking.log_table(client, run_id, shown.assign(members=shown["members"].map(json.dumps)),
+                       "pseudo/pseudo_labels.csv")
     selected = decided[decided.selected]
-    tracking.log_metrics(client, parent_run_id, {
-        "pseudo/n_candidates": len(decided), "pseudo/n_selected": len(selected),
-        "pseudo/mean_agreement": float(decided.agreement.mean()),
-        "pseudo/mean_agreement_selected": float(selected.agreement.mean()) if len(selected) else float("nan"),
-        "pseudo/seconds": time.perf_counter() - t0}, round_)
-    _log_overlays(client, parent_run_id, decided, out_dir, n_overlays)
-    log.info("pseudo-labels of round %d: %d of %d selected (%s)", round_, len(selected), len(decided), rule.describe())
+    metrics = {"pseudo/n_candidates": len(decided), "pseudo/n_selected": len(selected),
+               "pseudo/n_errors": int((decided["error"] != "").sum()),
+               "pseudo/n_empty_consensus": int((decided["consensus"] == "empty").sum()),
+               "pseudo/mean_predicted_dice_selected": float(selected["predicted_dice"].mean()) if len(selected)
+               else math.nan,
+               "pseudo/calibration_points": calibration.n_points, "pseudo/seconds": time.perf_counter() - t0}
+    if truth:
+        metrics |= {f"pseudo/{k}": v for k, v in truth_report(decided).items()}
+    tracking.log_metrics(client, run_id, metrics, round_)
+    tracking.set_tags(client, run_id, {"viola.pseudo_rule": decided["rule"].iloc[0][:5000]})
+    _log_figures(client, run_id, decided, Path(out_dir), n_overlays, manifest_teacher, calibration, rule, truth)
+    log.info("pseudo-labels of round %d: %d of %d selected (%s)%s", round_, len(selected), len(decided),
+             decided["rule"].iloc[0], f"; true Dice of the selected {metrics['pseudo/true_dice_selected']:.3f}, "
+             f"of the rejected {metrics['pseudo/true_dice_rejected']:.3f}" if truth else "")
     return [{"scan_id": r.scan_id, "image": r.image, "image_hash": r.image_hash, "label": r.mask_path,
-             "label_hash": r.mask_hash} for r in selected.itertuples()]
+             "label_hash": r.mask_hash,
+             "weight": _weight(r.predicted_dice, rule) if weight_by_predicted_dice else 1.0}
+            for r in selected.itertuples()]
 
 
-def _log_overlays(client, run_id: str, decided: pd.DataFrame, out_dir: Path, n: int) -> None:
-    """PNG overlays (the paper's Fig. 1 view) of the best selected and the worst rejected scans."""
+def _weight(predicted_dice: float, rule: SelectionRule) -> float:
+    """Loss weight of a pseudo-label: its predicted Dice (an empty consensus has none: the target)."""
+    return float(rule.min_predicted_dice if math.isnan(predicted_dice) else predicted_dice)
+
+
+def _lineage_row(r: dict, round_: int, root: Path) -> dict:
+    mask = Path(r["mask_path"]) if isinstance(r.get("mask_path"), str) and r["mask_path"] else None
+    rel = "" if mask is None else (str(mask.relative_to(root)) if mask.is_relative_to(root) else str(mask))
+    return {**{k: v for k, v in r.items() if k != "mask_path"}, "round": round_, "teacher_run_id": r["teacher_id"],
+            "mask_path": rel}
+
+
+def _log_figures(client, run_id: str, decided: pd.DataFrame, out_dir: Path, n: int, teacher, calibration,
+                 rule: SelectionRule, truth: bool) -> None:
+    """The calibration the selection used, and PNG overlays (the paper's Fig. 1 view) of the best
+    selected and the worst rejected scans."""
+    png = calibration_png(teacher.calibration_points if teacher.calibration_points is not None
+                          else pd.DataFrame(columns=[rule.score, "true_dice"]), calibration,
+                          out_dir / "calibration.png", unlabelled=decided if truth else None,
+                          threshold=rule.min_predicted_dice)
+    client.log_artifact(run_id, str(png), "pseudo")
     if n <= 0:
         return
-    ranked = decided.sort_values("agreement", ascending=False)
-    picks = [("selected", r) for r in ranked[ranked.selected].head(n).itertuples()]
-    picks += [("rejected", r) for r in ranked[~ranked.selected].tail(n).itertuples()]
     import nibabel as nib
 
+    masked = decided[decided["error"] == ""].sort_values(["predicted_dice", "scan_id"], ascending=[False, True])
+    picks = [("selected", r) for r in masked[masked.selected].head(n).itertuples()]
+    picks += [("rejected", r) for r in masked[~masked.selected].tail(n).itertuples()]
     for kind, r in picks:
         image, info = read_image(Path(r.image))
         mask = nib.load(r.mask_path).get_fdata() > 0
-        png = out_dir / "overlays" / f"{kind}_{r.scan_id}.png"
-        overlay_png(image, mask, info.affine, png,
-                    title=f"{r.scan_id}: {kind} (agreement {r.agreement:.2f}, {r.volume_ml:.1f} ml) - {r.decision}")
+        title = (f"{r.scan_id}: {kind} (predicted Dice {r.predicted_dice:.2f}, {r.volume_ml:.1f} ml)"
+                 + (f", true Dice {r.true_dice:.2f}" if truth else "") + f" - {r.decision}")
+        png = overlay_png(image, mask, info.affine, out_dir / "overlays" / f"{kind}_{r.scan_id}.png", title=title)
         client.log_artifact(run_id, str(png), f"pseudo/overlays/{kind}")

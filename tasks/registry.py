@@ -1,24 +1,58 @@
 """Registry task: each round's ensemble becomes a version of one registered model; the alias
-``champion`` moves to it only if its test DSC is not worse than the champion's."""
+``champion`` moves to it only when it scores at least as well as the champion on the same test set.
+
+Every version carries ``test_dsc`` and ``test_set_hash`` (the content hash of the test scans it was
+scored on). When the champion was scored on another test set (scans added, relabelled, removed),
+it is scored again on the current one before the comparison, and its tags are updated. The
+decision and its reason are tags of the candidate version (``champion_decision``,
+``champion_reason``).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
 from prefect import task
 
 from tasks import tracking
+from viola_models.ensemble import load_ensemble
+from viola_models.evaluation import evaluate_scans
 
 log = logging.getLogger(__name__)
 
 
+def _dsc(tags: dict) -> float:
+    try:
+        return float(tags.get("test_dsc", "nan"))
+    except ValueError:
+        return math.nan
+
+
+def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evaluate: dict, device: str,
+             test_set_hash: str) -> float:
+    """Score the champion's ensemble on the current test set and record it on its version."""
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{champion.version}",
+                                                      tracking_uri=client.tracking_uri))
+    _, means = evaluate_scans(load_ensemble(folder, device=device), scans, cache_dir=cache, **evaluate)
+    dsc = float(means.get("dsc", math.nan))
+    for key, value in {"test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash,
+                       "rescored_at": datetime.now(UTC).isoformat(timespec="seconds")}.items():
+        client.set_model_version_tag(model_name, champion.version, key, value)
+    log.info("champion version %s re-scored on test set %s: DSC %.4f", champion.version, test_set_hash, dsc)
+    return dsc
+
+
 @task(name="register-ensemble")
 def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, run_id: str, round_: int,
-                      test_dsc: float | None) -> dict:
-    """Log the ensemble folder as the round run's ``ensemble`` artifact and register it."""
+                      test_dsc: float | None, test_set_hash: str, test_scans: dict, cache: Path,
+                      evaluate: dict, device: str = "cpu") -> dict:
+    """Log the ensemble folder as the round run's ``ensemble`` artifact, register it, and decide the
+    champion. ``evaluate``: keyword settings of ``evaluate_scans`` (overlap, tta, nsd_tolerance_mm),
+    used when the champion must be scored again on ``test_scans``."""
     client = tracking.client_for(tracking_uri)
     if not client.list_artifacts(run_id, "ensemble"):
         client.log_artifacts(run_id, str(ensemble_dir), "ensemble")
@@ -28,21 +62,36 @@ def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, ru
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(model_name, description="viola-ICH self-training ensembles, one per round")
     existing = [v for v in client.search_model_versions(f"name='{model_name}'") if v.run_id == run_id]
-    dsc = float("nan") if test_dsc is None else float(test_dsc)
+    dsc = math.nan if test_dsc is None else float(test_dsc)
     version = existing[0] if existing else client.create_model_version(
-        model_name, source=source, run_id=run_id, tags={"round": str(round_), "test_dsc": f"{dsc:.6f}"})
+        model_name, source=source, run_id=run_id,
+        tags={"round": str(round_), "test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash})
     try:
         champion = client.get_model_version_by_alias(model_name, "champion")
-        champ_dsc = float(champion.tags.get("test_dsc", "nan"))
     except mlflow.exceptions.MlflowException:
-        champion, champ_dsc = None, float("nan")
-    promote = champion is None or math.isnan(champ_dsc) or (not math.isnan(dsc) and dsc >= champ_dsc)
+        champion = None
+    if champion is not None and str(champion.version) == str(version.version):
+        promote, reason = True, "already the champion"
+    elif champion is None:
+        promote, reason = True, "first version"
+    elif math.isnan(dsc):
+        promote, reason = False, "no test score"
+    else:
+        champ_dsc = _dsc(champion.tags)
+        rescored = champion.tags.get("test_set_hash") != test_set_hash
+        if rescored:
+            champ_dsc = _rescore(client, model_name, champion, test_scans, Path(cache), evaluate, device,
+                                 test_set_hash)
+        where = f"on test set {test_set_hash}" + (" (champion re-scored)" if rescored else "")
+        promote = math.isnan(champ_dsc) or dsc >= champ_dsc
+        reason = (f"DSC {dsc:.4f} {'>=' if promote else '<'} champion v{champion.version}'s {champ_dsc:.4f} "
+                  f"{where}")
     if promote:
         client.set_registered_model_alias(model_name, "champion", version.version)
-        log.info("%s version %s (round %d, test DSC %.4f) is the champion", model_name, version.version, round_, dsc)
-    else:
-        log.info("%s version %s (test DSC %.4f) stays behind champion version %s (%.4f)", model_name,
-                 version.version, dsc, champion.version, champ_dsc)
+    for key, value in {"champion_decision": "promoted" if promote else "kept", "champion_reason": reason}.items():
+        client.set_model_version_tag(model_name, version.version, key, value)
+    log.info("%s version %s (round %d, test DSC %.4f): %s (%s)", model_name, version.version, round_, dsc,
+             "champion" if promote else "not the champion", reason)
     tracking.set_tags(client, run_id, {"viola.model_version": version.version, "viola.champion": promote})
-    return {"version": str(version.version), "champion": promote,
+    return {"version": str(version.version), "champion": promote, "reason": reason,
             "model_uri": f"models:/{model_name}/{version.version}"}

@@ -7,63 +7,90 @@ from pathlib import Path
 
 from prefect import task
 
+from data_catalog.scans import atomic_write
 from tasks import tracking
-from viola_models.training import TrainCallbacks, TrainSettings, fit
+from viola_models.training import TrainCallbacks, TrainSettings, fit, fit_digest
 
 log = logging.getLogger(__name__)
 
 
+def _member_run(client, experiment_id: str, parent_run_id: str, out_dir: Path, name: str, tags: dict,
+                digest: str) -> str:
+    """The member's MLflow child run: the one a crashed attempt left when it trained on the same
+    inputs (same digest), else a new one; a run for other inputs is ended as KILLED and marked
+    superseded, so the round's children are exactly its members."""
+    id_file = out_dir / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    if tracking.run_exists(client, run_id):
+        if client.get_run(run_id).data.tags.get("viola.fit_digest") == digest:
+            return run_id
+        tracking.set_tags(client, run_id, {"viola.superseded": "inputs changed: trained again in a new run"})
+        client.set_terminated(run_id, "KILLED")
+        log.info("%s: inputs changed since MLflow run %s; training again", name, run_id)
+    run_id = tracking.create_run(client, experiment_id, name, parent_run_id=parent_run_id,
+                                 tags={**tags, "viola.fit_digest": digest})
+    atomic_write(id_file, lambda tmp: tmp.write_text(run_id))
+    return run_id
+
+
 @task(name="train-member")
 def train_member(
-    name: str,
+    spec: dict,
     settings: TrainSettings,
-    train_items: list[str],
-    val_items: list[str],
     out_dir: Path,
     tracking_uri: str,
     experiment_id: str,
     parent_run_id: str,
     round_: int,
-    fold: int,
-    init_weights: str | None = None,
+    final_settings: TrainSettings | None = None,
     device: str = "cpu",
 ) -> dict:
     """Train (or resume, or reuse) one member in ``out_dir`` and mirror it in an MLflow child run.
 
-    The child run's id is kept in ``out_dir/mlflow_run_id`` so that a rerun after a crash continues
-    the same run instead of opening a second one.
+    ``spec``: name, fold, train (cached cases), weights (their loss weights), val, labelled (the
+    training cases that are not pseudo-labels), init (a member checkpoint to fine-tune, or None).
+    ``final_settings``: a last fine-tune on ``labelled`` alone, in ``out_dir/labelled_only``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    train, val = [Path(p) for p in spec["train"]], [Path(p) for p in spec["val"]]
+    weights = spec.get("weights")
+    init = Path(spec["init"]) if spec.get("init") else None
+    digest = fit_digest(train, val, settings, init, weights)
+    if final_settings is not None:
+        digest += f"+{final_settings.model_dump_json()}"
     client = tracking.client_for(tracking_uri)
-    id_file = out_dir / "mlflow_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else None
-    if not tracking.run_exists(client, run_id):
-        run_id = tracking.create_run(client, experiment_id, name, parent_run_id=parent_run_id,
-                                     tags={"viola.kind": "member", "viola.round": round_, "viola.fold": fold,
-                                           "viola.architecture": settings.model})
-        id_file.write_text(run_id)
-    tracking.log_params(client, run_id, {"member": name, "round": round_, "fold": fold,
-                                         "n_train": len(train_items), "n_val": len(val_items),
-                                         "init_weights": init_weights or "", "train": settings.model_dump()})
+    run_id = _member_run(client, experiment_id, parent_run_id, out_dir, spec["name"],
+                         {"viola.kind": "member", "viola.round": round_, "viola.fold": spec["fold"],
+                          "viola.architecture": settings.model}, digest)
+    n_pseudo = len(train) - len(spec.get("labelled", train))
+    tracking.log_params(client, run_id, {"member": spec["name"], "round": round_, "fold": spec["fold"],
+                                         "n_train": len(train), "n_pseudo": n_pseudo, "n_val": len(val),
+                                         "init_weights": str(init or ""), "train": settings.model_dump(),
+                                         "labelled_only_steps": final_settings.max_steps if final_settings else 0})
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(client, run_id, metrics, step)
+    def callbacks(offset: int) -> TrainCallbacks:
+        return TrainCallbacks(
+            on_log=lambda step, metrics: tracking.log_metrics(client, run_id, metrics, step + offset),
+            on_validation=lambda step, dice, best: tracking.log_metrics(client, run_id, {"val/dice": dice},
+                                                                        step + offset))
 
-    def on_validation(step: int, dice: float, best: bool) -> None:
-        tracking.log_metrics(client, run_id, {"val/dice": dice}, step)
-
-    result = fit([Path(p) for p in train_items], [Path(p) for p in val_items], settings, out_dir,
-                 init_weights=Path(init_weights) if init_weights else None,
-                 callbacks=TrainCallbacks(on_log=on_log, on_validation=on_validation), device=device,
-                 meta={"member": name, "fold": fold, "round": round_})
+    meta = {"member": spec["name"], "fold": spec["fold"], "round": round_}
+    result = fit(train, val, settings, out_dir, init_weights=init, callbacks=callbacks(0), device=device, meta=meta,
+                 item_weights=weights)
+    seconds = result.seconds
+    if final_settings is not None:
+        labelled = [Path(p) for p in spec["labelled"]]
+        result = fit(labelled, val, final_settings, out_dir / "labelled_only", init_weights=result.best_checkpoint,
+                     callbacks=callbacks(settings.max_steps), device=device, meta=meta)
+        seconds += result.seconds
     # a rerun of a finished member logs only what a crash may have kept from being logged
     if "val/best_dice" not in client.get_run(run_id).data.metrics:
-        tracking.log_metrics(client, run_id, {"val/best_dice": result.best_dice, "train/seconds": result.seconds,
+        tracking.log_metrics(client, run_id, {"val/best_dice": result.best_dice, "train/seconds": seconds,
                                               "val/best_step": result.best_step}, result.steps)
     if not client.list_artifacts(run_id, "checkpoint"):
         client.log_artifact(run_id, str(result.best_checkpoint), "checkpoint")
     client.set_terminated(run_id, "FINISHED")
-    return {"name": name, "fold": fold, "architecture": settings.model, "checkpoint": str(result.best_checkpoint),
-            "val_dice": result.best_dice, "best_step": result.best_step, "seconds": result.seconds,
-            "run_id": run_id}
+    return {"name": spec["name"], "fold": spec["fold"], "architecture": settings.model,
+            "checkpoint": str(result.best_checkpoint), "val_dice": result.best_dice, "best_step": result.best_step,
+            "seconds": seconds, "run_id": run_id}

@@ -274,20 +274,26 @@ def test_pseudo_label_lineage_round_trip(root):
     cat.ingest(root)
     rows = [
         {"scan_id": "u00", "round": 1, "mask_path": "pl/u00.nii.gz", "mask_hash": "ab", "teacher_run_id": "run0",
-         "members": ["viola/f0", "nnunet/f0"], "agreement": 0.91, "mean_probability": 0.8, "volume_cv": 0.1,
-         "volume_ml": 12.5, "selected": True, "rule": "agreement>=0.8"},
+         "members": ["viola/f0", "nnunet/f0"], "consensus": "lesion", "agreement": 0.91, "predicted_dice": 0.85,
+         "volume_cv": 0.1, "volume_ml": 12.5, "selected": True, "decision": "selected", "rule": "Dice>=0.8"},
         {"scan_id": "u01", "round": 1, "mask_path": "pl/u01.nii.gz", "mask_hash": "cd", "teacher_run_id": "run0",
-         "members": ["viola/f0"], "agreement": 0.4, "mean_probability": 0.6, "volume_cv": 0.7,
-         "volume_ml": 1.5, "selected": False, "rule": "agreement>=0.8"},
+         "members": ["viola/f0"], "consensus": "lesion", "agreement": 0.4, "predicted_dice": 0.3,
+         "volume_cv": 0.7, "volume_ml": 1.5, "selected": False, "decision": "predicted Dice 0.3 < 0.8",
+         "rule": "Dice>=0.8"},
+        # a scan that could not be predicted is recorded too, with its reason and no mask
+        {"scan_id": "u02", "round": 1, "teacher_run_id": "run0", "selected": False,
+         "decision": "not predicted: not gzip", "rule": "Dice>=0.8", "error": "not gzip"},
     ]
     cat.record_pseudo_labels(root, rows)
     table = cat.record_pseudo_labels(root, [{**rows[1], "selected": True, "agreement": 0.85}])
-    assert len(table) == 2
+    assert len(table) == 3 and (table.created_at != "").all()
     r1 = table.set_index("scan_id").loc["u01"]
     assert bool(r1.selected) and r1.agreement == 0.85 and r1["round"] == 1
+    r2 = table.set_index("scan_id").loc["u02"]
+    assert r2.mask_path == "" and r2.decision == "not predicted: not gzip" and not r2.selected
     assert cat.load_pseudo_labels(root, 2).empty
     text = cat.describe(root)
-    assert "round 1: 2 scans, 2 selected" in text and "labelled" in text
+    assert "round 1: 3 scans, 2 selected" in text and "labelled" in text
 
 
 def test_catalog_hash_follows_content(root):

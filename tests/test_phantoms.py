@@ -235,6 +235,7 @@ def test_written_data_root_layout_and_headers(tmp_path: Path):
         "train/data/ph_s0042_001.nii.gz", "train/label/ph_s0042_001.nii.gz",
         "train/data/ph_s0042_002.nii.gz", "train/label/ph_s0042_002.nii.gz",
         "unlabelled/ph_s0042_u001.nii.gz", "test/data/ph_s0042_t001.nii.gz", "test/label/ph_s0042_t001.nii.gz",
+        "unlabelled_truth/ph_s0042_u001.nii.gz",
     ])  # nothing else: no temporary files left behind
     for case in summary["cases"]:
         img = nib.load(root / case["image"])
@@ -244,13 +245,13 @@ def test_written_data_root_layout_and_headers(tmp_path: Path):
         assert case["info"] == expected.info
         paths = [case["image"]]
         if case["split"] == "unlabelled":
-            assert case["label"] is None
-        else:
-            lab = nib.load(root / case["label"])
-            assert lab.get_data_dtype() == np.uint8
-            assert np.allclose(lab.affine, img.affine)
-            assert np.array_equal(np.asarray(lab.dataobj), expected.label)
-            paths.append(case["label"])
+            # no label; the hidden truth lies outside the folders the catalog reads
+            assert case["label"] is None and case["truth"] == "unlabelled_truth/ph_s0042_u001.nii.gz"
+        lab = nib.load(root / (case["label"] or case["truth"]))
+        assert lab.get_data_dtype() == np.uint8
+        assert np.allclose(lab.affine, img.affine)
+        assert np.array_equal(np.asarray(lab.dataobj), expected.label)
+        paths.append(case["label"] or case["truth"])
         for rel in paths:
             raw = (root / rel).read_bytes()
             assert raw[4:8] == b"\0\0\0\0"  # gzip mtime 0

@@ -15,6 +15,7 @@ from data_catalog.preprocessing import PreprocessSettings, cached_preprocess, pr
 from data_catalog.scans import file_sha256
 from tests.helpers import head_volume, write_nifti
 from viola_models import segment
+from viola_models.ensemble import load_ensemble, write_ensemble
 from viola_models.predict import EnsembleOutput
 from viola_models.training import TrainSettings, fit
 
@@ -34,9 +35,9 @@ def ensemble_dir(tmp_path_factory) -> Path:
     members = []
     for arch in ("viola_tiny", "nnunet_tiny"):
         s = TrainSettings(model=arch, patch_size=(32, 32, 8), max_steps=4, val_every=4, warmup_steps=1, log_every=4)
-        res = fit(items[:2], items[2:], s, tmp / "ens" / arch, meta={"member": arch})
-        members.append({"name": arch, "checkpoint": f"{arch}/best.pt", "val_dice": res.best_dice})
-    segment.write_manifest(tmp / "ens", members, PRE)
+        res = fit(items[:2], items[2:], s, tmp / "members" / arch, meta={"member": arch})
+        members.append({"name": arch, "checkpoint": res.best_checkpoint, "val_dice": res.best_dice})
+    write_ensemble(tmp / "ens", members, PRE)
     return tmp / "ens"
 
 
@@ -56,7 +57,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def test_masks_keep_each_scans_geometry_and_header(ensemble_dir, scans, tmp_path):
     before = _snapshot(scans)
-    ens = segment.load_ensemble(ensemble_dir)
+    ens = load_ensemble(ensemble_dir)
     table = segment.predict_folder(scans, tmp_path / "out", ens, overlays=True)
     assert _snapshot(scans) == before  # inputs untouched
     assert list(table.file_name) == ["lps.nii.gz", "prs.nii.gz", "ras.nii"] and set(table.status) == {"ok"}
@@ -93,7 +94,7 @@ def test_volumes_of_a_known_mask(ensemble_dir, tmp_path, monkeypatch):
         return EnsembleOutput(member_probs=probs, mean_prob=truth, member_names=["a", "b"])
 
     monkeypatch.setattr(segment, "predict_ensemble", oracle)
-    ens = segment.load_ensemble(ensemble_dir)
+    ens = load_ensemble(ensemble_dir)
     row = segment.predict_folder(tmp_path / "in", tmp_path / "out", ens).iloc[0]
     true_ml = lab.sum() * 2.0 * 2.0 * 5.0 / 1000
     assert row.predicted_volume_ml == pytest.approx(true_ml, rel=0.08)
@@ -109,7 +110,7 @@ def test_bad_inputs_are_reported_and_skipped(ensemble_dir, scans, tmp_path):
     write_nifti(scans / "slice.nii.gz", img[:, :, 0], aff, np.int16)
     write_nifti(scans / "png_export.nii.gz", np.clip((img + 1000) / 8, 0, 255), aff, np.uint8)
     before = _snapshot(scans)
-    table = segment.predict_folder(scans, tmp_path / "out", segment.load_ensemble(ensemble_dir)).set_index(
+    table = segment.predict_folder(scans, tmp_path / "out", load_ensemble(ensemble_dir)).set_index(
         "file_name")
     assert _snapshot(scans) == before
     assert table.loc["broken.nii.gz"].status == "rejected" and "truncated" in table.loc["broken.nii.gz"].reason
@@ -118,7 +119,7 @@ def test_bad_inputs_are_reported_and_skipped(ensemble_dir, scans, tmp_path):
     assert (table.status == "ok").sum() == 3
     assert not (tmp_path / "out" / "broken.nii.gz").exists()
     with pytest.raises(ValueError, match="is the input folder"):
-        segment.predict_folder(scans, scans, segment.load_ensemble(ensemble_dir))
+        segment.predict_folder(scans, scans, load_ensemble(ensemble_dir))
 
 
 def test_cli_predict(ensemble_dir, scans, tmp_path):
@@ -150,7 +151,7 @@ def test_cli_predict_uses_the_registry_champion_by_default(ensemble_dir, scans, 
     (tmp_path / "store").mkdir()
     client = tracking.client_for(uri)
     run_id = tracking.create_run(client, tracking.experiment_id(client, "e"), "round 0", tags={})
-    register_ensemble.fn(ensemble_dir, "viola-ich-demo", uri, run_id, 0, 0.5)
+    register_ensemble.fn(ensemble_dir, "viola-ich-demo", uri, run_id, 0, 0.5, "t0", {}, tmp_path / "cache", {})
     mlflow_default = tmp_path / "mlflow.db"
     res = CliRunner().invoke(app, ["predict", str(scans), str(tmp_path / "out"), "--tracking-uri", uri,
                                    "--device", "cpu"])

@@ -83,7 +83,7 @@ def test_the_calibration_recovers_a_known_monotone_relation():
     grid = np.linspace(0.1, 0.9, 9)
     assert np.abs(cal.predict(grid) - grid**2).max() < 0.06
     assert np.all(np.diff(cal.predict(np.linspace(0, 1, 50))) >= 0)  # monotone
-    assert cal.predict([2.0])[0] == pytest.approx(cal.y[-1]) and 0 <= cal.y[0] and cal.y[-1] <= 1  # flat outside
+    assert cal.predict([2.0])[0] == pytest.approx(cal.y[-1]) and cal.y[0] >= 0 and cal.y[-1] <= 1  # flat outside
     assert np.isnan(cal.predict([math.nan])[0])
     assert Calibration.from_dict(cal.to_dict()).predict([0.5]) == pytest.approx(cal.predict([0.5]))
     # a selection at 0.5 predicted Dice keeps scores above sqrt(0.5) ~ 0.71, not the raw score's 0.5

@@ -16,7 +16,7 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
-__all__ = ["CUDAGraphForward", "fold_batch_norm"]
+__all__ = ["CUDAGraphForward", "as_predictor", "fold_batch_norm", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +100,13 @@ def as_predictor(model: nn.Module, device: torch.device, autocast_dtype: torch.d
             return fast(x)
 
     return run
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; ``"cuda"`` without a GPU is a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
+    return device

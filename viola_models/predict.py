@@ -24,12 +24,11 @@ from viola_models.configs import build_from_config
 from viola_models.inference import as_predictor
 
 __all__ = [
+    "SCORE_NAMES",
     "EnsembleOutput",
     "MemberCheckpoint",
     "confidence_scores",
-    "load_ensemble_manifest",
     "load_member",
-    "SCORE_NAMES",
     "pairwise_dice",
     "predict_ensemble",
     "sliding_window_probability",
@@ -79,23 +78,6 @@ def load_member(path: Path) -> tuple[nn.Module, MemberCheckpoint]:
         extra={k: ck[k] for k in ("step", "fold", "round") if k in ck},
     )
     return model.eval(), meta
-
-
-def load_ensemble_manifest(folder: Path) -> list[Path]:
-    """Member checkpoint paths listed by ``ensemble.json`` in ``folder`` (or every ``*/best.pt``)."""
-    folder = Path(folder)
-    manifest = folder / "ensemble.json"
-    if manifest.exists():
-        data = json.loads(manifest.read_text())
-        paths = [folder / m["checkpoint"] for m in data["members"]]
-    else:
-        paths = sorted(folder.glob("*/best.pt")) or sorted(folder.glob("*.pt"))
-    if not paths:
-        raise FileNotFoundError(f"no member checkpoints in {folder} (expected ensemble.json or */best.pt)")
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"ensemble in {folder} lists missing checkpoint(s): {', '.join(map(str, missing))}")
-    return paths
 
 
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))  # identity and one flip per spatial axis

@@ -8,10 +8,9 @@ uint8 mask (probability >= 0.5) with volumes and confidence scores.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,83 +22,19 @@ from scipy import ndimage
 
 from data_catalog.preprocessing import (
     PreprocessedCase,
-    PreprocessSettings,
     cached_preprocess,
     invert_to_native,
     load_preprocessed,
     preprocess_arrays,
 )
 from data_catalog.scans import ScanInfo, read_image
-from data_catalog.selection import Calibration
+from viola_models.ensemble import Ensemble
 from viola_models.metrics import abc2_volume_ml
-from viola_models.predict import (
-    MemberCheckpoint,
-    confidence_scores,
-    load_ensemble_manifest,
-    load_member,
-    make_predictors,
-    predict_ensemble,
-)
+from viola_models.predict import confidence_scores, predict_ensemble
 
-__all__ = ["Ensemble", "ScanSegmentation", "load_ensemble", "predict_folder", "segment_scan", "write_manifest"]
+__all__ = ["ScanSegmentation", "predict_folder", "segment_scan"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Ensemble:
-    """Loaded members with their prepared predictors and the preprocessing they were trained with."""
-
-    members: list[tuple[torch.nn.Module, MemberCheckpoint]]
-    preprocess: PreprocessSettings
-    device: torch.device
-    predictors: list[Callable] = field(default_factory=list)
-    source: str = ""
-    calibration: Calibration | None = None  # score -> predicted Dice, learnt out of fold by the round
-
-    def predicted_dice(self, scores: dict) -> float:
-        """The calibrated quality estimate of one segmentation's scores (NaN without calibration)."""
-        if self.calibration is None:
-            return float("nan")
-        return float(self.calibration.predict(scores.get(self.calibration.score, float("nan"))))
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for _, m in self.members]
-
-
-def write_manifest(folder: Path, members: Sequence[dict], preprocess: PreprocessSettings, **extra) -> Path:
-    """``ensemble.json``: member checkpoints (relative to ``folder``) and the preprocessing settings."""
-    folder = Path(folder)
-    data = {"members": list(members), "preprocess": preprocess.model_dump(mode="json"), **extra}
-    path = folder / "ensemble.json"
-    tmp = folder / ".ensemble.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
-    return path
-
-
-def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = True,
-                  checkpoints: Sequence[Path] | None = None) -> Ensemble:
-    """Load an ensemble folder (``ensemble.json`` + member checkpoints) or explicit checkpoints."""
-    folder = Path(folder)
-    paths = list(checkpoints) if checkpoints else load_ensemble_manifest(folder)
-    manifest = folder / "ensemble.json"
-    calibration = None
-    if manifest.exists():
-        data = json.loads(manifest.read_text())
-        pre = PreprocessSettings.model_validate(data["preprocess"])
-        if data.get("calibration"):
-            calibration = Calibration.from_dict(data["calibration"])
-    else:
-        log.warning("%s has no ensemble.json: assuming the paper's default preprocessing", folder)
-        pre = PreprocessSettings()
-    device = torch.device(device)
-    members = [load_member(p) for p in paths]
-    sizes = {tuple(m.patch_size) for _, m in members}
-    log.info("ensemble of %d member(s) on %s, patch size(s) %s", len(members), device, sorted(sizes))
-    return Ensemble(members=members, preprocess=pre, device=device,
-                    predictors=make_predictors(members, device, amp), source=str(folder), calibration=calibration)
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""Rounds and their arms: where each lives, what it starts from, whether it runs, and its MLflow run.
+
+A round ``r`` of the self-training arm lives in ``WORK/rounds/round_NNN/``; its siblings, run on
+request, in ``round_NNN-control/`` (the same round without pseudo-labels: equal compute) and
+``round_NNN-oracle/`` (the unlabelled scans with their hidden truth as labels, for phantoms).
+Each arm is a chain that branches at round 0: its members start from the same arm's previous
+round when that exists, else from the self-training arm's. ``state.json`` in each folder says
+how far it got; a rerun resumes the first unfinished self-training round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import task
+from prefect.runtime import flow_run
+
+from data_catalog.scans import atomic_write
+from tasks import tracking
+
+__all__ = ["ARMS", "RoundPlan", "arm_dir", "close_round_run", "latest_finished_round", "next_round",
+           "open_round_run", "plan_round", "read_state", "write_state"]
+
+log = logging.getLogger(__name__)
+
+ARMS = ("self-training", "control", "oracle")
+
+
+def arm_dir(work_dir: Path, round_: int, arm: str = "self-training") -> Path:
+    suffix = "" if arm == "self-training" else f"-{arm}"
+    return Path(work_dir) / "rounds" / f"round_{round_:03d}{suffix}"
+
+
+def read_state(folder: Path) -> dict:
+    path = Path(folder) / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_state(folder: Path, state: dict) -> None:
+    text = json.dumps(state, indent=1, default=str)
+    atomic_write(Path(folder) / "state.json", lambda tmp: tmp.write_text(text))
+
+
+def _finished(folder: Path) -> bool:
+    return read_state(folder).get("status") == "finished"
+
+
+def next_round(work_dir: Path) -> int:
+    """The first self-training round that is not finished."""
+    r = 0
+    while _finished(arm_dir(work_dir, r)):
+        r += 1
+    return r
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RoundPlan:
+    """What one arm of one round does; plain data (paths as strings) so it travels between tasks."""
+
+    round: int
+    arm: str
+    dir: str
+    state: dict = field(default_factory=dict)
+    teacher_dir: str = ""  # the previous self-training round's ensemble: it makes the pseudo-labels
+    teacher_run_id: str = ""
+    init_ensemble_dir: str = ""  # the ensemble whose members the students start from
+    previous_run_id: str = ""
+    self_training_run_id: str = ""  # for sibling arms: the round they are the control/oracle of
+    skip_reason: str = ""
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@task(name="plan-round")
+def plan_round(work_dir: Path, arm: str, round_: int | None, catalog_hash: str, profile_hash: str,
+               skip_unchanged: bool = True, force: bool = False) -> RoundPlan:
+    """Decide what ``arm`` of round ``round_`` (None: the next self-training round) starts from,
+    and whether it runs at all.
+
+    A self-training round r >= 2 that has not started is skipped when nothing changed since round
+    r-1 made its pseudo-labels: the same catalog (so no new unlabelled scan) and the same profile.
+    ``force`` runs it anyway. A sibling arm needs its self-training round finished.
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    work_dir = Path(work_dir)
+    round_ = next_round(work_dir) if round_ is None else round_
+    folder = arm_dir(work_dir, round_, arm)
+    state = read_state(folder)
+    name = f"round {round_}" if arm == "self-training" else f"round {round_} ({arm})"
+    plan = RoundPlan(round=round_, arm=arm, dir=str(folder), state=state, name=name)
+    if round_ > 0:
+        prev_st = arm_dir(work_dir, round_ - 1)
+        prev_state = read_state(prev_st)
+        if prev_state.get("status") != "finished":
+            raise ValueError(f"{name} needs round {round_ - 1} finished first ({prev_st / 'state.json'})")
+        plan.teacher_dir = str(prev_st / "ensemble")
+        plan.teacher_run_id = prev_state.get("run_id", "")
+        same_arm_prev = arm_dir(work_dir, round_ - 1, arm)
+        init_from = same_arm_prev if arm != "self-training" and _finished(same_arm_prev) else prev_st
+        plan.init_ensemble_dir = str(init_from / "ensemble")
+        plan.previous_run_id = read_state(init_from).get("run_id", "")
+    if arm != "self-training":
+        st = read_state(arm_dir(work_dir, round_))
+        if round_ == 0:
+            plan.skip_reason = f"round 0 has no {arm}: it has no pseudo-labels to compare with"
+        elif st.get("status") != "finished":
+            plan.skip_reason = f"round {round_} is not finished: its {arm} waits for it"
+        plan.self_training_run_id = st.get("run_id", "")
+        return plan
+    resuming = bool(state) and state.get("status") != "finished"
+    if round_ >= 2 and not resuming and skip_unchanged and not force:
+        prev = read_state(arm_dir(work_dir, round_ - 1))
+        if prev.get("catalog_hash") == catalog_hash and prev.get("profile_hash") == profile_hash:
+            plan.skip_reason = (f"round {round_} skipped: nothing new since round {round_ - 1}'s pseudo-labels "
+                                f"(catalog {catalog_hash} and profile unchanged); --force runs it anyway")
+    return plan
+
+
+@task(name="latest-finished-round")
+def latest_finished_round(work_dir: Path) -> int:
+    """The last finished self-training round (-1 when none is)."""
+    return next_round(Path(work_dir)) - 1
+
+
+@task(name="open-round-run")
+def open_round_run(plan: RoundPlan, tracking_uri: str, experiment: str, tags: dict, params: dict) -> RoundPlan:
+    """Create the arm's MLflow run, or continue the one a crashed attempt left; record it in
+    ``state.json``. ``tags`` (catalog, profile and test-set hashes, ...) are set on either, so a
+    resumed round and its run agree on what it now trains on."""
+    client = tracking.client_for(tracking_uri)
+    exp_id = tracking.experiment_id(client, experiment)
+    state = dict(plan.state)
+    run_id = state.get("run_id")
+    all_tags = {"viola.kind": "round", "viola.round": plan.round, "viola.arm": plan.arm,
+                "viola.previous_round_run_id": plan.previous_run_id,
+                "viola.self_training_run_id": plan.self_training_run_id,
+                "viola.code_version": tracking.code_version(), **tags}
+    if tracking.run_exists(client, run_id):
+        tracking.set_tags(client, run_id, {**all_tags, "viola.resumed_by_flow_run_id": flow_run.get_id() or ""})
+        client.update_run(run_id, status="RUNNING")
+        log.info("%s resumed (MLflow run %s)", plan.name, run_id)
+    else:
+        run_id = tracking.create_run(client, exp_id, plan.name, tags={
+            **all_tags, "viola.prefect_flow_run_id": flow_run.get_id() or ""})
+        tracking.log_params(client, run_id, params)
+        log.info("%s started (MLflow run %s)", plan.name, run_id)
+    state.update({"round": plan.round, "arm": plan.arm, "status": "running", "run_id": run_id,
+                  "started": state.get("started") or _now(), "experiment_id": exp_id,
+                  **{k.removeprefix("viola."): v for k, v in tags.items()
+                     if k in ("viola.catalog_hash", "viola.profile_hash", "viola.test_set_hash")}})
+    write_state(Path(plan.dir), state)
+    return RoundPlan(**{**plan.to_dict(), "state": state})
+
+
+@task(name="close-round-run")
+def close_round_run(plan: RoundPlan, tracking_uri: str, metrics: dict, summary: dict) -> dict:
+    """Log the round's closing metrics, end its MLflow run, and mark it finished in ``state.json``."""
+    client = tracking.client_for(tracking_uri)
+    run_id = plan.state["run_id"]
+    tracking.log_metrics(client, run_id, metrics, plan.round)
+    client.set_terminated(run_id, "FINISHED")
+    state = {**plan.state, "status": "finished", "finished": _now(), **summary}
+    write_state(Path(plan.dir), state)
+    return state

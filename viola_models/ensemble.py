@@ -1,0 +1,167 @@
+"""The ensemble folder: the one place that writes, reads and validates it.
+
+Layout::
+
+    ensemble.json           members (name, checkpoint relative to the folder, validation Dice, ...),
+                            the preprocessing they were trained with, the calibration of the
+                            selection score, and free metadata (round, profile, ...)
+    calibration.csv         the out-of-fold points the calibration was fitted on (optional)
+    <member>/best.pt        one member checkpoint each (``viola_models.predict.load_member``)
+
+A round writes it once its members are trained; ``viola predict``, pseudo-labelling and
+evaluation read it; the MLflow registry stores it as a model version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from pydantic import ValidationError
+
+from data_catalog.preprocessing import PreprocessSettings
+from data_catalog.scans import atomic_write
+from data_catalog.selection import Calibration, fit_calibration
+from viola_models.predict import MemberCheckpoint, load_member, make_predictors
+
+__all__ = ["MANIFEST", "Ensemble", "EnsembleError", "load_ensemble", "read_manifest", "write_ensemble"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "ensemble.json"
+POINTS = "calibration.csv"
+
+
+class EnsembleError(ValueError):
+    """An ensemble folder that cannot be used, with a one-line reason naming the file."""
+
+
+@dataclass
+class Ensemble:
+    """Loaded members with their prepared predictors, the preprocessing they were trained with, and
+    the calibration of the confidence score (None when the folder carries none)."""
+
+    members: list[tuple[torch.nn.Module, MemberCheckpoint]]
+    preprocess: PreprocessSettings
+    device: torch.device
+    predictors: list[Callable] = field(default_factory=list)
+    source: str = ""
+    calibration: Calibration | None = None
+    calibration_points: pd.DataFrame | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for _, m in self.members]
+
+    def predicted_dice(self, scores: dict) -> float:
+        """The calibrated quality estimate of one segmentation's scores (NaN without calibration)."""
+        if self.calibration is None:
+            return float("nan")
+        return float(self.calibration.predict(scores.get(self.calibration.score, float("nan"))))
+
+    def calibration_for(self, score: str, min_points: int) -> Calibration:
+        """The score -> Dice calibration for ``score``, refitted from the stored points (identity
+        fallback when the folder has no points for it)."""
+        pts = self.calibration_points
+        if pts is None or score not in pts or "true_dice" not in pts:
+            return Calibration(score=score, kind="identity")
+        return fit_calibration(pts[score], pts["true_dice"], score, min_points=min_points)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    tmp.replace(dst)
+
+
+def write_ensemble(folder: Path, members: Sequence[dict], preprocess: PreprocessSettings,
+                   calibration: Calibration | None = None, calibration_points: pd.DataFrame | None = None,
+                   **meta) -> Path:
+    """Assemble an ensemble folder from trained members; returns the manifest's path.
+
+    ``members``: dicts with ``name`` and ``checkpoint`` (a member checkpoint anywhere: linked, or
+    copied across file systems, to ``<name>/best.pt``) plus anything to record (validation Dice,
+    run id). The manifest is written last and atomically: a folder with a manifest is complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = []
+    for m in members:
+        rel = f"{m['name']}/best.pt"
+        _link_or_copy(Path(m["checkpoint"]), folder / rel)
+        listed.append({**m, "checkpoint": rel})
+    if calibration_points is not None:
+        buf = io.StringIO()
+        calibration_points.to_csv(buf, index=False)
+        atomic_write(folder / POINTS, lambda tmp: tmp.write_text(buf.getvalue()))
+    data = {"members": listed, "preprocess": preprocess.model_dump(mode="json"),
+            "calibration": calibration.to_dict() if calibration else None, **meta}
+    text = json.dumps(data, indent=1, default=str)
+    atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(text))
+    return folder / MANIFEST
+
+
+def read_manifest(folder: Path) -> dict:
+    """The validated manifest of an ensemble folder, with ``checkpoints`` (absolute paths) added."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise EnsembleError(f"ensemble folder {folder} does not exist")
+    if not path.is_file():
+        raise EnsembleError(f"{path} is missing: not an ensemble folder (a round writes one; see `viola run`)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EnsembleError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("members"), list) or not data["members"]:
+        raise EnsembleError(f"{path} lists no members")
+    try:
+        data["preprocess"] = PreprocessSettings.model_validate(data.get("preprocess"))
+    except ValidationError as e:
+        raise EnsembleError(f"{path}: invalid preprocessing settings ({e.errors()[0]['msg']})") from None
+    checkpoints = []
+    for m in data["members"]:
+        rel = m.get("checkpoint") if isinstance(m, dict) else None
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise EnsembleError(f"{path}: member entry {m!r} needs a checkpoint path inside the folder")
+        if not (folder / rel).is_file():
+            raise EnsembleError(f"{path} lists {rel}, which does not exist")
+        checkpoints.append(folder / rel)
+    data["checkpoints"] = checkpoints
+    if data.get("calibration"):
+        try:
+            data["calibration"] = Calibration.from_dict(data["calibration"])
+        except TypeError as e:
+            raise EnsembleError(f"{path}: invalid calibration ({e})") from None
+    return data
+
+
+def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = True) -> Ensemble:
+    """Load an ensemble folder: every member network, ready to predict on ``device``."""
+    folder = Path(folder)
+    data = read_manifest(folder)
+    device = torch.device(device)
+    members = [load_member(p) for p in data["checkpoints"]]
+    points = pd.read_csv(folder / POINTS) if (folder / POINTS).is_file() else None
+    sizes = {tuple(m.patch_size) for _, m in members}
+    log.info("ensemble of %d member(s) on %s, patch size(s) %s", len(members), device, sorted(sizes))
+    meta = {k: v for k, v in data.items() if k not in ("members", "preprocess", "calibration", "checkpoints")}
+    return Ensemble(members=members, preprocess=data["preprocess"], device=device,
+                    predictors=make_predictors(members, device, amp), source=str(folder),
+                    calibration=data.get("calibration"), calibration_points=points, meta=meta)

@@ -1,0 +1,63 @@
+"""An ensemble on held-out labelled scans: INSTANCE 2022 metrics per scan and their means.
+
+The one scoring path of a round's test evaluation and of the champion's re-scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from data_catalog.scans import ScanError, read_label
+from viola_models.ensemble import Ensemble
+from viola_models.metrics import evaluate_case, summarize
+from viola_models.segment import segment_scan
+
+__all__ = ["evaluate_scans"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_scans(
+    ensemble: Ensemble,
+    scans: Mapping[str, Mapping],
+    cache_dir: Path | None = None,
+    overlap: float = 0.5,
+    tta: bool = False,
+    nsd_tolerance_mm: float = 0.42,
+    on_scan: Callable[[int, int, str], None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Segment each scan on its native grid and score it against its label.
+
+    ``scans``: {scan_id: {"image", "label", "image_hash"}} (paths; the hash lets segmentation use
+    the preprocessing cache). Returns the per-scan table (scan_id, status, reason, dsc, hd, nsd,
+    rvd, volumes, the confidence scores, seconds) and the means over the scans that were scored
+    (``dsc``, ``hd``, ``nsd``, ``rvd``, ``n_cases``). A scan that cannot be read gets a row with
+    its reason and is left out of the means.
+    """
+    rows, cases = [], []
+    for i, (scan_id, scan) in enumerate(sorted(scans.items()), 1):
+        t0 = time.perf_counter()
+        try:
+            seg = segment_scan(Path(scan["image"]), ensemble, cache_dir=cache_dir, overlap=overlap, tta=tta,
+                               image_hash=scan.get("image_hash"))
+            gt, _ = read_label(Path(scan["label"]), binarize=True)
+        except ScanError as e:
+            log.warning("evaluate: skipping %s: %s", scan_id, e)
+            rows.append({"scan_id": scan_id, "status": "rejected", "reason": str(e)})
+            continue
+        metrics = evaluate_case(seg.mask, gt, seg.info.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
+        cases.append(metrics)
+        rows.append({"scan_id": scan_id, "status": "ok", "reason": "", **metrics,
+                     **{k: seg.scores[k] for k in ("consensus", "agreement", "predicted_dice")},
+                     "seconds": time.perf_counter() - t0})
+        if on_scan:
+            on_scan(i, len(scans), scan_id)
+    means = summarize(cases) if cases else {}
+    report = {k: means[k] for k in ("dsc", "hd", "nsd", "rvd") if k in means}
+    report["n_cases"] = len(cases)
+    return pd.DataFrame(rows), report
