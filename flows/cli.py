@@ -105,20 +105,24 @@ def run(
     oracle: Annotated[bool, typer.Option(help="also run each round's oracle: the unlabelled scans with their "
                                               "hidden truth (phantoms only)")] = False,
     force: Annotated[bool, typer.Option(help="run a round even when nothing changed since the last one")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="change a profile setting for this call, e.g. --set student.init=scratch")] = None,
 ) -> None:
     """Run the next self-training round(s) in this process (Prefect's ephemeral API, no server)."""
     _setup(flows=True)
-    from flows.profiles import ProfileError, load_profile
+    from flows.profiles import ProfileError, load_profile, parse_overrides
 
     try:
-        load_profile(profile, data)  # fail fast, before Prefect starts, on a bad profile
+        overrides = parse_overrides(set_ or [])
+        load_profile(profile, data, overrides)  # fail fast, before Prefect starts, on a bad profile
     except ProfileError as e:
         _fail(str(e))
     from flows.self_training import self_training
 
     try:
         results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
-                                tracking_uri=tracking_uri, control=control, oracle=oracle, force=force)
+                                tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
+                                overrides=overrides or None)
     except _KNOWN as e:
         _fail(str(e), code=1)
     for res in results:

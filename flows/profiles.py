@@ -19,7 +19,7 @@ from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.selection import SelectionRule
 from viola_models.training import TrainSettings
 
-__all__ = ["PipelineSettings", "ProfileError", "load_profile", "profile_names"]
+__all__ = ["PipelineSettings", "ProfileError", "load_profile", "parse_overrides", "profile_names"]
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -186,8 +186,37 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-def load_profile(profile: str | Path, data_root: str | Path | None = None) -> PipelineSettings:
-    """Load a shipped profile by name, or a TOML file by path; ``data_root`` overrides ``data.root``."""
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["student.init=scratch", "train.max_steps=100"]`` -> nested dict; values are TOML values
+    (numbers, booleans, arrays, quoted strings), and a bare word is a string."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ProfileError(f"override {item!r}: expected KEY=VALUE, e.g. student.init=scratch")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_profile(profile: str | Path, data_root: str | Path | None = None,
+                 overrides: dict | None = None) -> PipelineSettings:
+    """Load a shipped profile by name, or a TOML file by path; ``data_root`` overrides ``data.root``
+    and ``overrides`` (nested, see :func:`parse_overrides`) any other setting."""
     path = Path(profile)
     if not path.suffix:
         path = PROFILE_DIR / f"{profile}.toml"
@@ -201,6 +230,8 @@ def load_profile(profile: str | Path, data_root: str | Path | None = None) -> Pi
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"profile {path}: not valid TOML ({e})") from None
     raw.setdefault("name", path.stem)
+    if overrides:
+        raw = _merge(raw, overrides)
     if data_root is not None:
         raw.setdefault("data", {})["root"] = str(data_root)
     try:

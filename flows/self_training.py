@@ -136,14 +136,15 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
 @flow(name="self-training", log_prints=True)
 def self_training(profile: str = "demo", data_root: str | None = None, rounds: int = 1,
                   tracking_uri: str | None = None, control: bool | None = None, oracle: bool = False,
-                  force: bool = False) -> list[dict]:
+                  force: bool = False, overrides: dict | None = None) -> list[dict]:
     """Run the next ``rounds`` self-training round(s) of the data root named by the profile.
 
     ``control`` (default: the profile's ``[round] control``) also runs each round's equal-compute
     control, ``oracle`` its oracle (phantoms only); both first catch up on the last finished round
     if it lacks them. ``force`` runs a round even when nothing changed since the previous one.
+    ``overrides``: profile settings changed for this call (``{"student": {"init": "scratch"}}``).
     """
-    settings = load_profile(profile, data_root)
+    settings = load_profile(profile, data_root, overrides)
     uri = tracking_uri or tracking.default_tracking_uri()
     extra = [a for a, on in (("control", settings.round.control if control is None else control),
                              ("oracle", oracle)) if on]
