@@ -32,10 +32,10 @@ class Calibration:
     """A monotone map from a confidence score to the expected Dice of the ensemble's mask.
 
     ``x``/``y``: the knots of a non-decreasing piecewise-linear curve (isotonic regression of the
-    true Dice on the score); outside the knots the curve is flat. ``kind`` is ``"isotonic"``, or
-    ``"identity"`` when there were too few points to fit (the score itself is then taken as the
-    predicted Dice, and the rule says so). ``spearman``: rank correlation of score and true Dice
-    over the points it was fitted on.
+    true Dice on the score, see :func:`fit_calibration`); outside the knots the curve is flat.
+    ``kind`` is ``"isotonic"``, or ``"identity"`` when there was nothing to fit (the score itself is
+    then taken as the predicted Dice, and the rule says so). ``spearman``: rank correlation of
+    score and true Dice over the ``n_points`` out-of-fold points; ``prior_weight``: see the fit.
     """
 
     score: str
@@ -44,6 +44,7 @@ class Calibration:
     y: list[float] = field(default_factory=list)
     n_points: int = 0
     spearman: float = float("nan")
+    prior_weight: float = 0.0
 
     def predict(self, scores: Sequence[float] | np.ndarray | float) -> np.ndarray:
         """Predicted Dice for each score; NaN stays NaN."""
@@ -58,19 +59,30 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
-        return cls(**{k: data[k] for k in ("score", "kind", "x", "y", "n_points", "spearman") if k in data})
+        return cls(**{k: data[k] for k in ("score", "kind", "x", "y", "n_points", "spearman", "prior_weight")
+                      if k in data})
 
     def describe(self) -> str:
         if self.kind == "identity":
             return f"{self.score} taken as Dice (uncalibrated: {self.n_points} point(s))"
-        return f"{self.score} calibrated on {self.n_points} out-of-fold point(s), Spearman {self.spearman:.2f}"
+        prior = f", prior weight {self.prior_weight:g}" if self.prior_weight else ""
+        return (f"{self.score} calibrated on {self.n_points} out-of-fold point(s){prior}, "
+                f"Spearman {self.spearman:.2f}")
 
 
-def fit_calibration(scores: Sequence[float], dice: Sequence[float], score: str, min_points: int = 5) -> Calibration:
+PRIOR_KNOTS = 11  # the prior's pseudo-points: scores 0, 0.1, ..., 1 with Dice equal to the score
+
+
+def fit_calibration(scores: Sequence[float], dice: Sequence[float], score: str, prior_weight: float = 2.0
+                    ) -> Calibration:
     """Fit the score -> true Dice relation by isotonic regression (non-decreasing, within [0, 1]).
 
-    Points with a NaN score or Dice are ignored; with fewer than ``min_points`` left, or fewer
-    than two distinct scores, the result is the identity fallback.
+    The out-of-fold points are joined by a prior: pseudo-points on the identity (Dice = score) at
+    scores 0, 0.1, ..., 1, of total weight ``prior_weight`` (each real point weighs 1). Where the
+    points are many, they decide; where there are none (a handful of labelled scans rarely spans
+    the range of the unlabelled ones), the curve follows the prior instead of staying flat at the
+    last point. ``prior_weight = 0`` fits the points alone. Points with a NaN score or Dice are
+    ignored; with no point and no prior the result is the identity.
     """
     from scipy.stats import spearmanr
     from sklearn.isotonic import IsotonicRegression
@@ -81,11 +93,15 @@ def fit_calibration(scores: Sequence[float], dice: Sequence[float], score: str, 
     s, d = s[ok], d[ok]
     n = len(s)
     rho = float(spearmanr(s, d).statistic) if n >= 3 and np.ptp(s) > 0 and np.ptp(d) > 0 else float("nan")
-    if n < max(2, min_points) or np.ptp(s) == 0:
-        return Calibration(score=score, kind="identity", n_points=n, spearman=rho)
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(s, d)
+    knots = np.linspace(0.0, 1.0, PRIOR_KNOTS) if prior_weight > 0 else np.zeros(0)
+    x = np.concatenate([s, knots])
+    y = np.concatenate([d, knots])
+    w = np.concatenate([np.ones(n), np.full(len(knots), prior_weight / PRIOR_KNOTS)])
+    if len(x) < 2 or np.ptp(x) == 0:
+        return Calibration(score=score, kind="identity", n_points=n, spearman=rho, prior_weight=prior_weight)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(x, y, sample_weight=w)
     return Calibration(score=score, kind="isotonic", x=[float(v) for v in iso.X_thresholds_],
-                       y=[float(v) for v in iso.y_thresholds_], n_points=n, spearman=rho)
+                       y=[float(v) for v in iso.y_thresholds_], n_points=n, spearman=rho, prior_weight=prior_weight)
 
 
 class SelectionRule(BaseModel):
@@ -96,8 +112,8 @@ class SelectionRule(BaseModel):
     optionally refuse scans whose members disagree on the volume; ``top_fraction``/``max_count``:
     of the scans reaching the target, keep the best by predicted Dice; ``allow_empty``: accept
     scans where no member finds blood (negative examples), at most ``max_empty_fraction`` of the
-    selected set; ``min_calibration_points``: fewer out-of-fold points than this and the score is
-    taken as the predicted Dice (logged as uncalibrated).
+    selected set; ``calibration_prior_weight``: how many out-of-fold points the calibration's prior
+    (Dice = score) is worth (see :func:`fit_calibration`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -109,7 +125,7 @@ class SelectionRule(BaseModel):
     max_count: int | None = Field(None, ge=0)
     allow_empty: bool = False
     max_empty_fraction: float = Field(0.2, ge=0, lt=1)
-    min_calibration_points: int = Field(5, ge=2)
+    calibration_prior_weight: float = Field(2.0, ge=0)
 
     def describe(self) -> str:
         parts = [f"predicted Dice>={self.min_predicted_dice:g} from {self.score}"]

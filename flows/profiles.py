@@ -172,7 +172,7 @@ class PipelineSettings(BaseModel):
 
     def digest(self) -> str:
         """A hash of everything that decides a round's result (not where it runs or when)."""
-        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name"})
+        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name", "tracking"})
         data["data"].pop("root", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 
 from data_catalog.catalog import fold_items
 from flows.profiles import PipelineSettings, load_profile
@@ -160,4 +161,8 @@ def self_training(profile: str = "demo", data_root: str | None = None, rounds: i
         if result.get("skipped"):
             break
         results += [run_arm(settings, uri, data, arm, result["round"], force) for arm in extra]
-    return results
+    ran = [f"{r['arm']} round {r['round']}" for r in results if not r.get("skipped")]
+    skipped = [r["skipped"] for r in results if r.get("skipped") and r["arm"] == "self-training"]
+    # the flow run ends Completed either way; its message says what ran and why a round did not
+    return Completed(message="; ".join([f"ran {', '.join(ran)}"] * bool(ran) + skipped) or "nothing to run",
+                     data=results)

@@ -33,14 +33,14 @@ def calibrate(groups: list[tuple[str, list[str], list[str]]], rule: SelectionRul
         log.warning("no out-of-fold validation scans: the selection score stays uncalibrated")
         return {"calibration": None, "points": ""}
     atomic_write(csv, lambda tmp: points.to_csv(tmp, index=False))
-    cal = fit_calibration(points[rule.score], points["true_dice"], rule.score, rule.min_calibration_points)
+    cal = fit_calibration(points[rule.score], points["true_dice"], rule.score, rule.calibration_prior_weight)
     png = calibration_png(points, cal, out_dir / "calibration.png", threshold=rule.min_predicted_dice)
     client = tracking.client_for(tracking_uri)
     client.log_artifact(run_id, str(csv), "calibration")
     client.log_artifact(run_id, str(png), "calibration")
     metrics = {"calibration/n_points": cal.n_points, "calibration/n_scans": int((points["view"] == 0).sum())}
     for name in SCORE_NAMES:
-        other = fit_calibration(points[name], points["true_dice"], name, rule.min_calibration_points)
+        other = fit_calibration(points[name], points["true_dice"], name, rule.calibration_prior_weight)
         if not math.isnan(other.spearman):
             metrics[f"calibration/spearman_{name}"] = other.spearman
     tracking.log_metrics(client, run_id, metrics, round_)

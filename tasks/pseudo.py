@@ -56,7 +56,7 @@ def pseudo_label(
         return []
     # the calibration travels with the teacher: refitted here for the rule's score and minimum
     manifest_teacher = teacher[0] if teacher else load_ensemble(Path(teacher_dir), device="cpu")
-    calibration = manifest_teacher.calibration_for(rule.score, rule.min_calibration_points)
+    calibration = manifest_teacher.calibration_for(rule.score, rule.calibration_prior_weight)
     decided = select_pseudo_labels(table, rule, calibration)
     root = Path(data_root)
     truth = catalog.has_truth(root)

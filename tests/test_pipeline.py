@@ -41,15 +41,31 @@ def test_two_rounds_end_to_end(tmp_path):
     (tmp_path / "mlruns").mkdir()
     root = tmp_path / "data"
     uri = _uri(tmp_path)
-    summaries = self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=uri)
-    assert [s["round"] for s in summaries] == [0, 1]
+    summaries = self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=uri, control=True)
+    assert [(s["round"], s["arm"]) for s in summaries] == [(0, "self-training"), (0, "control"), (1, "self-training"),
+                                                          (1, "control")]
+    assert summaries[1]["skipped"].startswith("round 0 has no control")
 
     client = MlflowClient(uri)
     runs = _runs(client, "self-training-tiny")
-    parents = runs[runs.kind == "round"].set_index("round")
+    rounds = runs[runs.kind == "round"]
+    parents = rounds[[t["viola.arm"] == "self-training" for t in rounds.tags]].set_index("round")
     members = runs[runs.kind == "member"]
-    assert sorted(parents.index) == ["0", "1"] and (parents.status == "FINISHED").all()
+    assert sorted(parents.index) == ["0", "1"] and (rounds.status == "FINISHED").all()
     r0, r1 = parents.loc["0"], parents.loc["1"]
+    # the control is a sibling of round 1, tagged as such, scored on the same test set with the same compute
+    control = rounds[[t["viola.arm"] == "control" for t in rounds.tags]]
+    assert len(control) == 1 and len(rounds) == 3
+    c1 = control.iloc[0]
+    assert c1.tags["mlflow.runName"] == "round 1 (control)" and c1.tags["viola.round"] == "1"
+    assert c1.tags["viola.self_training_run_id"] == r1.run_id and "mlflow.parentRunId" not in c1.tags
+    assert c1.tags["viola.test_set_hash"] == r1.tags["viola.test_set_hash"] == catalog.catalog_hash(root, "test")
+    assert c1.metrics["round/n_pseudo_labels"] == 0 and "test/dsc" in c1.metrics
+    c_members = members[members.parent == c1.run_id]
+    assert len(c_members) == 2 and all(p["n_pseudo"] == "0" for p in c_members.params)
+    assert {p["train.max_steps"] for p in c_members.params} == {p["train.max_steps"] for p in members[
+        members.parent == r1.run_id].params}
+    members = members[members.parent != c1.run_id]
     assert r1.tags["viola.previous_round_run_id"] == r0.run_id and r0.tags["viola.previous_round_run_id"] == ""
     for tag in ("viola.catalog_hash", "viola.code_version", "viola.prefect_flow_run_id",
                 "viola.pseudo_label_set_hash"):
@@ -73,7 +89,13 @@ def test_two_rounds_end_to_end(tmp_path):
     # round metrics line up in the compare view
     for key in ("test/dsc", "test/hd", "test/nsd", "test/rvd", "members/mean_val_dice", "round/seconds"):
         assert key in r0.metrics and key in r1.metrics, key
-    assert {"pseudo/n_selected", "pseudo/mean_agreement", "pseudo/n_candidates"} <= set(r1.metrics)
+    assert {"pseudo/n_selected", "pseudo/n_candidates", "pseudo/true_dice_selected", "pseudo/true_dice_rejected",
+            "pseudo/spearman_predicted_dice"} <= set(r1.metrics)  # phantoms keep their unlabelled truth
+    # the selection score was calibrated on the members' out-of-fold predictions, logged as CSV and PNG
+    for run in (r0, r1):
+        assert {a.path for a in client.list_artifacts(run.run_id, "calibration")} == {
+            "calibration/calibration.csv", "calibration/calibration.png"}
+        assert run.metrics["calibration/n_points"] >= 2
     arts0 = {a.path for a in client.list_artifacts(r0.run_id, "test")}
     assert arts0 == {"test/per_case.csv"}
     per_case = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=r0.run_id, artifact_path="test/per_case.csv",
@@ -92,7 +114,9 @@ def test_two_rounds_end_to_end(tmp_path):
     assert lineage.selected.sum() == summaries[1]["n_pseudo_selected"] >= 1
     assert all(json.loads(m) == ["viola_tiny-fold0", "nnunet_tiny-fold0"] for m in lineage.members)
     assert all((root / p).exists() for p in lineage.mask_path)
-    assert lineage.rule.nunique() == 1 and "agreement>=" in lineage.rule.iloc[0]
+    assert lineage.rule.nunique() == 1 and "predicted Dice>=" in lineage.rule.iloc[0]
+    assert (lineage.created_at != "").all() and set(lineage.decision[lineage.selected]) == {"selected"}
+    assert all(d for d in lineage.decision[~lineage.selected])  # every rejection says why
 
     # the registered model: one version per round, champion on the better (or equal) test DSC
     versions = sorted(client.search_model_versions("name='viola-ich-tiny'"), key=lambda v: int(v.version))
@@ -104,6 +128,14 @@ def test_two_rounds_end_to_end(tmp_path):
     manifest = json.loads((ens / "ensemble.json").read_text())
     assert len(manifest["members"]) == 2 and all((ens / m["checkpoint"]).exists() for m in manifest["members"])
     assert manifest["preprocess"]["target_spacing"] == [3.6, 3.6, 10.0]
+    assert manifest["calibration"]["score"] == "mean_max_probability"
+    assert all(v.tags["test_set_hash"] == r0.tags["viola.test_set_hash"] for v in versions)
+    assert {v.tags["champion_decision"] for v in versions} <= {"promoted", "kept"}
+
+    # nothing new since round 1's pseudo-labels: the next call skips, completed, with its reason
+    again = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)
+    assert again[0]["skipped"].startswith("round 2 skipped: nothing new since round 1")
+    assert len(_runs(client, "self-training-tiny")) == len(runs)
 
 
 def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monkeypatch):

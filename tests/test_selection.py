@@ -92,11 +92,21 @@ def test_the_calibration_recovers_a_known_monotone_relation():
     assert list(kept.scan_id[kept.selected]) == ["s2", "s3"]
 
 
-def test_too_few_points_fall_back_to_the_identity():
-    cal = fit_calibration([0.2, 0.8, math.nan], [0.1, 0.7, 0.5], "agreement", min_points=5)
-    assert cal.kind == "identity" and cal.n_points == 2
-    assert cal.predict([0.3, 1.4]).tolist() == [0.3, 1.0]
-    assert fit_calibration([0.5] * 6, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "agreement").kind == "identity"
+def test_the_prior_speaks_only_where_the_points_are_silent():
+    # two hard out-of-fold scans and their perturbed copies: low scores, low Dice
+    score = [0.0, 0.02, 0.06, 0.22, 0.28, 0.34]
+    dice = [0.0, 0.0, 0.09, 0.18, 0.21, 0.21]
+    alone = fit_calibration(score, dice, "agreement", prior_weight=0)
+    assert alone.predict([0.8])[0] == pytest.approx(0.21)  # flat beyond the last point: nothing reaches 0.8
+    cal = fit_calibration(score, dice, "agreement")
+    assert cal.predict([0.8, 1.0]).tolist() == pytest.approx([0.8, 1.0])  # the identity where no point is
+    assert cal.predict([0.25])[0] == pytest.approx(0.2, abs=0.03)  # the points where they are
+    assert cal.n_points == 6 and cal.prior_weight == 2.0 and "prior weight 2" in cal.describe()
+    # no point at all: the prior alone is the identity
+    assert fit_calibration([], [], "agreement").predict([0.3])[0] == pytest.approx(0.3)
+    nothing = fit_calibration([math.nan], [0.5], "agreement", prior_weight=0)
+    assert nothing.kind == "identity" and nothing.n_points == 0
+    assert nothing.predict([0.3, 1.4]).tolist() == [0.3, 1.0]
 
 
 def test_confidence_scores_of_hand_made_members():

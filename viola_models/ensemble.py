@@ -68,13 +68,13 @@ class Ensemble:
             return float("nan")
         return float(self.calibration.predict(scores.get(self.calibration.score, float("nan"))))
 
-    def calibration_for(self, score: str, min_points: int) -> Calibration:
+    def calibration_for(self, score: str, prior_weight: float = 2.0) -> Calibration:
         """The score -> Dice calibration for ``score``, refitted from the stored points (identity
         fallback when the folder has no points for it)."""
         pts = self.calibration_points
         if pts is None or score not in pts or "true_dice" not in pts:
             return Calibration(score=score, kind="identity")
-        return fit_calibration(pts[score], pts["true_dice"], score, min_points=min_points)
+        return fit_calibration(pts[score], pts["true_dice"], score, prior_weight=prior_weight)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -55,8 +55,9 @@ def _read_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable: {e}") from None
+    except Exception as e:  # damaged, truncated, not a checkpoint, or a pickle that would run code
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"checkpoint {path} is unreadable ({first})") from None
 
 
 def load_member(path: Path) -> tuple[nn.Module, MemberCheckpoint]:

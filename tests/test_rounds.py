@@ -1,0 +1,81 @@
+"""tasks.rounds: which round runs next, what each arm starts from, and when a round is skipped;
+flows.profiles: the settings behind it."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.profiles import ProfileError, load_profile, parse_overrides
+from tasks.rounds import arm_dir, next_round, plan_round, read_state, write_state
+
+
+def _finish(work, r, arm="self-training", catalog="c1", profile="p1"):
+    write_state(arm_dir(work, r, arm), {"status": "finished", "run_id": f"run-{r}-{arm}", "catalog_hash": catalog,
+                                        "profile_hash": profile})
+
+
+def test_arms_branch_at_round_zero_and_continue_their_own_chain(tmp_path):
+    work = tmp_path / "work"
+    assert next_round(work) == 0
+    _finish(work, 0)
+    first = plan_round.fn(work, "self-training", None, "c1", "p1")
+    assert first.round == 1 and first.teacher_dir.endswith("round_000/ensemble")
+    assert first.teacher_run_id == "run-0-self-training"
+    _finish(work, 1)
+    control = plan_round.fn(work, "control", 1, "c1", "p1")
+    # control 1 starts where round 1 started (round 0), and is tagged as round 1's sibling
+    assert control.init_ensemble_dir.endswith("round_000/ensemble") and control.dir.endswith("round_001-control")
+    assert control.self_training_run_id == "run-1-self-training" and not control.skip_reason
+    _finish(work, 1, "control")
+    _finish(work, 2)
+    # control 2 continues the control chain: labelled-only training with the compute of rounds 1 and 2
+    assert plan_round.fn(work, "control", 2, "c1", "p1").init_ensemble_dir.endswith("round_001-control/ensemble")
+    # an oracle without its own round 1 starts from self-training round 1
+    assert plan_round.fn(work, "oracle", 2, "c1", "p1").init_ensemble_dir.endswith("round_001/ensemble")
+    assert "round 0 has no control" in plan_round.fn(work, "control", 0, "c1", "p1").skip_reason
+    assert "not finished" in plan_round.fn(work, "control", 3, "c1", "p1").skip_reason
+    with pytest.raises(ValueError, match="unknown arm"):
+        plan_round.fn(work, "placebo", 1, "c1", "p1")
+
+
+def test_an_idle_round_is_skipped_unless_forced_or_resumed(tmp_path):
+    work = tmp_path / "work"
+    _finish(work, 0)
+    assert not plan_round.fn(work, "self-training", None, "c1", "p1").skip_reason  # round 1: the first pseudo-labels
+    _finish(work, 1)
+    idle = plan_round.fn(work, "self-training", None, "c1", "p1")
+    assert idle.round == 2 and idle.skip_reason.startswith("round 2 skipped: nothing new since round 1")
+    assert "--force" in idle.skip_reason
+    assert not plan_round.fn(work, "self-training", None, "c1", "p1", force=True).skip_reason
+    assert not plan_round.fn(work, "self-training", None, "c2", "p1").skip_reason  # new unlabelled scans
+    assert not plan_round.fn(work, "self-training", None, "c1", "p2").skip_reason  # another profile
+    assert not plan_round.fn(work, "self-training", None, "c1", "p1", skip_unchanged=False).skip_reason
+    write_state(arm_dir(work, 2), {"status": "running", "run_id": "r2"})  # a crashed round 2 always resumes
+    assert not plan_round.fn(work, "self-training", None, "c1", "p1").skip_reason
+    assert read_state(arm_dir(work, 2))["run_id"] == "r2"
+
+
+def test_profiles_validate_what_rounds_need_at_load(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[finetune]\nmax_stepz = 3\n')
+    with pytest.raises(ProfileError, match=r"finetune\.max_stepz"):
+        load_profile(bad)
+    bad.write_text('[members]\narchitectures = ["viola_small"]\n[pseudo.rule]\nscore = "agreement"\n')
+    with pytest.raises(ProfileError, match="needs at least two architectures"):
+        load_profile(bad)
+    with pytest.raises(ProfileError, match=r"student\.init"):
+        load_profile("demo", overrides={"student": {"init": "random"}})
+    settings = load_profile("demo", overrides=parse_overrides(["student.labelled_only_steps=50"]))
+    final = settings.labelled_only_settings(1, "viola_small", 0)
+    assert final.max_steps == 50 and final.lr == settings.finetune["lr"] and final.val_every <= 50
+    assert load_profile("demo").labelled_only_settings(1, "viola_small", 0) is None
+    scratch = load_profile("demo", overrides={"student": {"init": "scratch"}})
+    assert scratch.train_settings(1, "viola_small", 0).max_steps == scratch.train.max_steps  # round-0 settings
+    assert load_profile("demo").train_settings(1, "viola_small", 0).max_steps == 200  # the fine-tune
+    # where a round runs and its schedule do not change what it computes; its settings do
+    base = load_profile("demo").digest()
+    assert load_profile("demo", tmp_path / "elsewhere").digest() == base
+    assert load_profile("demo", overrides={"schedule": {"cron": "0 1 * * *"}}).digest() == base
+    assert load_profile("demo", overrides={"train": {"lr": 1e-4}}).digest() != base
+    with pytest.raises(ProfileError, match="expected KEY=VALUE"):
+        parse_overrides(["student.init"])
