@@ -37,7 +37,15 @@ import filelock
 import numpy as np
 import pandas as pd
 
-from data_catalog.scans import ScanError, atomic_write, check_label_matches, file_sha256, read_image, read_label
+from data_catalog.scans import (
+    ScanError,
+    atomic_write,
+    check_label_matches,
+    file_sha256,
+    read_image,
+    read_label,
+    voxel_hash,
+)
 
 __all__ = [
     "CATALOG_DIR",
@@ -66,7 +74,7 @@ ROLES = ("labelled", "unlabelled", "test")
 SCAN_COLUMNS = [
     "scan_id", "role", "status", "reason", "image_path", "label_path", "image_hash", "label_hash",
     "shape", "spacing", "orientation", "label_transform", "added_at", "updated_at",
-    "image_size", "image_mtime_ns", "label_size", "label_mtime_ns",
+    "image_size", "image_mtime_ns", "label_size", "label_mtime_ns", "voxel_hash",
 ]
 PSEUDO_COLUMNS = [
     "scan_id", "round", "mask_path", "mask_hash", "teacher_run_id", "members", "consensus", "agreement",
@@ -169,24 +177,44 @@ def _strip_nii(name: str) -> str | None:
     return None
 
 
-def _nii_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _strip_nii(p.name))
+def entry_problem(path: Path) -> str:
+    """Why a folder entry cannot be a scan file ("" when it can: a regular, visible .nii/.nii.gz file)."""
+    name = path.name
+    if name.startswith("."):
+        return "hidden file (name starts with '.'): not read"
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link"
+    if path.is_dir():
+        return "a folder named like a scan, not a file" if _strip_nii(name) else "a folder, not a NIfTI file"
+    if not path.is_file():
+        return "not a regular file"
+    if not _strip_nii(name):
+        return "not a NIfTI file name (.nii or .nii.gz)"
+    return ""
 
 
-def _stray_files(folder: Path) -> list[Path]:
+def _entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """A folder's scan files, and every other entry with the reason it is not one."""
     if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not _strip_nii(p.name))
+        return [], []
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        problem = entry_problem(p)
+        if problem:
+            others.append((p, problem))
+        else:
+            files.append(p)
+    return files, others
 
 
 def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channel: bool) -> list[_Candidate]:
     """Images of one folder with their labels (same case name); labels without image are reported."""
     out: list[_Candidate] = []
-    label_files = {(_strip_nii(p.name) or ""): p for p in _nii_files(labels)} if labels else {}
+    images_ok, image_others = _entries(images)
+    labels_ok, label_others = _entries(labels) if labels else ([], [])
+    label_files = {(_strip_nii(p.name) or ""): p for p in labels_ok}
     used: set[str] = set()
-    for img in _nii_files(images):
+    for img in images_ok:
         case = _strip_nii(img.name) or ""
         cand = _Candidate(scan_id=case, role=role, image=str(img.relative_to(root)))
         if strip_channel:  # nnU-Net: CASE_0000 is the (only) CT channel
@@ -207,9 +235,8 @@ def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channe
         if case not in used:
             out.append(_Candidate(scan_id=case, role=role, image=str(lab.relative_to(root)),
                                   error="label without image"))
-    for stray in _stray_files(images) + (_stray_files(labels) if labels else []):
-        out.append(_Candidate(scan_id=stray.name, role=role, image=str(stray.relative_to(root)),
-                              error="not a NIfTI file name (.nii or .nii.gz)"))
+    for entry, problem in image_others + label_others:
+        out.append(_Candidate(scan_id=entry.name, role=role, image=str(entry.relative_to(root)), error=problem))
     return out
 
 
@@ -247,13 +274,14 @@ def _stat(root: Path, rel: str) -> tuple[str, str]:
 
 def _validate(root: Path, cand: _Candidate, binarize: bool) -> dict[str, str]:
     """Read and check one candidate; returns the row fields that depend on the files' content."""
-    fields = {"status": "ok", "reason": "", "shape": "", "spacing": "", "orientation": ""}
+    fields = {"status": "ok", "reason": "", "shape": "", "spacing": "", "orientation": "", "voxel_hash": ""}
     try:
-        _, info = read_image(root / cand.image)
+        image, info = read_image(root / cand.image)
         fields.update(
             shape="x".join(str(s) for s in info.shape),
             spacing="x".join(f"{s:.6g}" for s in info.spacing),
             orientation=info.orientation,
+            voxel_hash=voxel_hash(image, info),
         )
         if cand.label:
             try:
@@ -291,28 +319,30 @@ def ingest(
             row = {c: "" for c in SCAN_COLUMNS}
             row.update(scan_id=cand.scan_id, role=cand.role, image_path=cand.image, label_path=cand.label,
                        label_transform=transform if cand.label else "")
+            if cand.error:
+                same = prev is not None and prev["reason"] == cand.error
+                row.update(status="rejected", reason=cand.error, added_at=(prev or {}).get("added_at") or _now(),
+                           updated_at=prev["updated_at"] if same else _now())
+                rows.append(row)
+                continue
             try:
                 row["image_size"], row["image_mtime_ns"] = _stat(root, cand.image)
                 row["label_size"], row["label_mtime_ns"] = _stat(root, cand.label)
-            except OSError as e:
-                row.update(status="rejected", reason=f"cannot read file: {e}", added_at=_now(), updated_at=_now())
+            except OSError as e:  # vanished since it was listed
+                row.update(status="rejected", reason=f"cannot read file: {e.strerror or e}", added_at=_now(),
+                           updated_at=_now())
                 rows.append(row)
                 continue
             same_stat = prev is not None and all(
                 prev[k] == row[k] for k in ("role", "label_path", "label_transform", "image_size", "image_mtime_ns",
                                             "label_size", "label_mtime_ns")
             )
-            if same_stat and not cand.error:
+            if same_stat and (prev["voxel_hash"] or prev["status"] != "ok"):
                 kept = {**prev, "scan_id": cand.scan_id}
                 if kept["reason"].startswith(_DUPLICATE_REASONS):  # valid content: decided again below
                     kept.update(status="ok", reason="")
                 rows.append(kept)
                 report.unchanged += 1
-                continue
-            if cand.error:
-                row.update(status="rejected", reason=cand.error, added_at=(prev or {}).get("added_at") or _now(),
-                           updated_at=_now())
-                rows.append(row)
                 continue
             to_check.append((row, cand, "new" if prev is None else "maybe-changed"))
             rows.append(row)
@@ -320,11 +350,18 @@ def ingest(
         def hash_and_validate(item: tuple[dict[str, str], _Candidate, str]) -> None:
             row, cand, kind = item
             prev = old_by_path.get(cand.image)
-            row["image_hash"] = file_sha256(root / cand.image)
-            row["label_hash"] = file_sha256(root / cand.label) if cand.label else ""
-            if prev is not None and all(prev[k] == row[k] for k in ("image_hash", "label_hash", "label_path",
-                                                                     "label_transform", "role")):
-                for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at"):
+            try:
+                row["image_hash"] = file_sha256(root / cand.image)
+                row["label_hash"] = file_sha256(root / cand.label) if cand.label else ""
+            except OSError as e:  # vanished or locked since it was listed: rejected, the others go on
+                row.update(status="rejected", reason=f"cannot read file: {e.strerror or e}", added_at=(
+                    prev or {}).get("added_at") or _now(), updated_at=_now())
+                item_kind[cand.image] = kind
+                return
+            if prev is not None and (prev["voxel_hash"] or prev["status"] != "ok") and all(
+                    prev[k] == row[k] for k in ("image_hash", "label_hash", "label_path", "label_transform", "role")):
+                for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at",
+                          "voxel_hash"):
                     row[k] = prev[k]
                 if row["reason"].startswith(_DUPLICATE_REASONS):
                     row.update(status="ok", reason="")
@@ -361,7 +398,9 @@ def ingest(
 
 
 def _reject_duplicates(rows: list[dict[str, str]]) -> None:
-    """Same content under two names, or one scan id twice: keep the earliest-added, reject the rest."""
+    """Same scan under two names (same decoded voxels and geometry, however the files are compressed
+    or stored), or one scan id twice: keep the earliest-added, reject the rest. A test scan copied
+    into ``unlabelled/`` is thus never pseudo-labelled and trained on."""
     def order(r: dict[str, str]) -> tuple[str, str]:
         return (r["added_at"] or "9999", r["image_path"])
 
@@ -370,16 +409,16 @@ def _reject_duplicates(rows: list[dict[str, str]]) -> None:
     for r in sorted(rows, key=order):
         if r["status"] != "ok":
             continue
-        first = by_hash.get(r["image_hash"])
+        first = by_hash.get(r["voxel_hash"] or r["image_hash"])
         if first is not None:
-            r.update(status="rejected", reason=f"same content as {first['image_path']}")
+            r.update(status="rejected", reason=f"same content as {first['image_path']} (the same voxels and geometry)")
             continue
         clash = by_id.get(r["scan_id"])
         if clash is not None:
             r.update(status="rejected",
                      reason=f"scan id {r['scan_id']} is already used by {clash['image_path']}; rename one of them")
             continue
-        by_hash[r["image_hash"]] = r
+        by_hash[r["voxel_hash"] or r["image_hash"]] = r
         by_id[r["scan_id"]] = r
 
 

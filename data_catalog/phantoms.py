@@ -32,8 +32,6 @@ import gzip
 import io
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +41,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from data_catalog.scans import atomic_write
 
 __all__ = ["PHANTOM_SIZES", "Phantom", "generate_phantom", "threshold_baseline", "write_phantom_dataset"]
 
@@ -232,16 +232,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     raw = hdr.binaryblock + raw[len(hdr.binaryblock):]
     # gzip.compress writes no file name; mtime=0 removes the only time-dependent byte range.
     blob = gzip.compress(raw, compresslevel=6, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(blob))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import os
 import tempfile
 import zlib
@@ -29,6 +30,7 @@ __all__ = [
     "read_image",
     "read_label",
     "save_nifti_like",
+    "voxel_hash",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 _NIFTI1_SIZE, _NIFTI2_SIZE = 348, 540
 # HU sanity: a head CT has air (about -1000 HU, or padding below it) and bone (hundreds of HU)
 _AIR_HU, _BONE_HU = -500.0, 200.0
+_MAX_VOXELS = 1 << 30  # 1.07e9 voxels: several times the largest head CT (512 x 512 x 1000)
 
 
 class ScanError(ValueError):
@@ -61,32 +64,63 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _header_size_limit(head: bytes) -> int:
+    """Bytes the file can need (header, extensions, voxels), from its header alone; a header whose
+    voxel count no CT scan reaches is refused here, before any voxel is read."""
+    sizeof_hdr = int.from_bytes(head[:4], "little")
+    if sizeof_hdr not in (_NIFTI1_SIZE, _NIFTI2_SIZE):
+        sizeof_hdr = int.from_bytes(head[:4], "big")
+    if sizeof_hdr not in (_NIFTI1_SIZE, _NIFTI2_SIZE):
+        raise ScanError("not a NIfTI file (bad header size field)")
+    if len(head) < sizeof_hdr:
+        raise ScanError(f"not a NIfTI file (only {len(head)} bytes after decompression)")
+    klass = nib.Nifti2Header if sizeof_hdr == _NIFTI2_SIZE else nib.Nifti1Header
+    try:
+        hdr = klass.from_fileobj(io.BytesIO(head[:sizeof_hdr]), check=False)
+        shape = tuple(int(v) for v in hdr.get_data_shape())
+        itemsize = int(hdr.get_data_dtype().itemsize)
+        offset = int(hdr.get_data_offset())
+    except Exception as e:  # nibabel raises many types for nonsense headers
+        raise ScanError(f"unreadable NIfTI header ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    n_voxels = math.prod(shape) if shape else 0
+    if n_voxels > _MAX_VOXELS:
+        raise ScanError(f"header claims {'x'.join(map(str, shape))} = {n_voxels:.3g} voxels, more than any CT "
+                        f"scan (limit {_MAX_VOXELS:.3g}): refused before reading")
+    return max(offset, sizeof_hdr) + n_voxels * itemsize
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's (decompressed) bytes, never more than its header says it needs, so that a
+    decompression bomb or an absurd header cannot exhaust memory."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if path.name.endswith(".gz") and not gz:
+        raise ScanError("named .nii.gz but not gzip-compressed")
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(_NIFTI2_SIZE)
+            if not head:
+                raise ScanError("empty file")
+            if len(head) < _NIFTI1_SIZE:
+                raise ScanError(f"not a NIfTI file (only {len(head)} bytes after decompression)")
+            need = _header_size_limit(head)
+            rest = f.read(max(0, need - len(head)))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ScanError(f"truncated or corrupt gzip stream ({e})") from None
+    return head + rest
+
+
 def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Load a .nii / .nii.gz fully into memory, turning every low-level failure into a ScanError."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read_bounded(path)
+    except ScanError:
+        raise
     except OSError as e:
         raise ScanError(f"cannot read file: {e.strerror or e}") from None
-    if not raw:
-        raise ScanError("empty file")
-    gz = raw[:2] == b"\x1f\x8b"
-    if path.name.endswith(".gz") and not gz:
-        raise ScanError("named .nii.gz but not gzip-compressed")
-    if gz:
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as e:
-            raise ScanError(f"truncated or corrupt gzip stream ({e})") from None
-    if len(raw) < _NIFTI1_SIZE:
-        raise ScanError(f"not a NIfTI file (only {len(raw)} bytes after decompression)")
     sizeof_hdr = int.from_bytes(raw[:4], "little")
-    if sizeof_hdr not in (_NIFTI1_SIZE, _NIFTI2_SIZE) and int.from_bytes(raw[:4], "big") not in (
-        _NIFTI1_SIZE,
-        _NIFTI2_SIZE,
-    ):
-        raise ScanError("not a NIfTI file (bad header size field)")
     try:
         img = nib.Nifti1Image.from_stream(io.BytesIO(raw)) if sizeof_hdr != _NIFTI2_SIZE else (
             nib.Nifti2Image.from_stream(io.BytesIO(raw))
@@ -141,6 +175,15 @@ def read_image(path: Path, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]
     if check_hu:
         _check_hounsfield(image)
     return image, info
+
+
+def voxel_hash(image: np.ndarray, info: ScanInfo) -> str:
+    """Content hash of what a scan *is*: its decoded voxel values (as float32 HU) and its grid
+    (shape and affine, to 1e-4 mm), whatever its file's compression, data type or header padding."""
+    h = hashlib.sha256()
+    h.update(repr((tuple(info.shape), np.round(info.affine, 4).tolist())).encode())
+    h.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def _check_hounsfield(image: np.ndarray) -> None:
@@ -209,16 +252,32 @@ def check_label_matches(image: ScanInfo, label: ScanInfo, tol_mm: float = 1e-3) 
         raise ScanError(f"label affine differs from the image's (max difference {diff:.4g} mm)")
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask (read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic read-and-restore
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    Readers never see a half-written file, and a crash leaves only a stray temporary file.
+    Readers never see a half-written file, and a crash or a full disk leaves no partial file
+    (the temporary one is removed on any error). The file gets the permissions a plain ``open()``
+    would give it (0o644 under the usual umask), not the private mode of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
-    os.close(fd)
     try:
+        os.fchmod(fd, _new_file_mode())
+        os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

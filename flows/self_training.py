@@ -129,7 +129,7 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                            and r > 0 else 0, test, seconds)
     logger.info("%s", table)
     close_round_run(plan, tracking_uri, metrics, {"test": test, "model_version": reg["version"] if reg else None,
-                                                  "n_pseudo_labels": len(pseudo)})
+                                                  "n_pseudo_labels": len(pseudo)}, pseudo)
     return {"round": r, "arm": arm, "run_id": run_id, "members": members, "test": test,
             "n_pseudo_selected": len(pseudo), "registered": reg, "seconds": seconds, "summary": table}
 

@@ -10,6 +10,7 @@ how far it got; a rerun resumes the first unfinished self-training round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -164,10 +165,16 @@ def open_round_run(plan: RoundPlan, tracking_uri: str, experiment: str, tags: di
 
 
 @task(name="close-round-run")
-def close_round_run(plan: RoundPlan, tracking_uri: str, metrics: dict, summary: dict) -> dict:
-    """Log the round's closing metrics, end its MLflow run, and mark it finished in ``state.json``."""
+def close_round_run(plan: RoundPlan, tracking_uri: str, metrics: dict, summary: dict,
+                    pseudo_items: list[dict] | None = None) -> dict:
+    """Log the round's closing metrics and the content hash of the pseudo-labels it trained on
+    (``pseudo_items``: preprocessed cases, named by content), end its MLflow run, and mark it
+    finished in ``state.json``."""
     client = tracking.client_for(tracking_uri)
     run_id = plan.state["run_id"]
+    names = sorted(Path(item["cache"]).name for item in pseudo_items or [])
+    pseudo_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    tracking.set_tags(client, run_id, {"viola.pseudo_label_set_hash": pseudo_hash, "viola.n_pseudo_labels": len(names)})
     tracking.log_metrics(client, run_id, metrics, plan.round)
     client.set_terminated(run_id, "FINISHED")
     state = {**plan.state, "status": "finished", "finished": _now(), **summary}

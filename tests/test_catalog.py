@@ -328,3 +328,65 @@ def test_a_second_writer_waits_or_gets_a_clear_error(root):
     assert errors == []
     assert len(cat.load_scans(root)) == 9
     assert not list((root / "viola_catalog").glob("*.tmp*"))
+
+
+def test_every_entry_of_an_input_folder_gets_a_row_with_its_reason(root):
+    unl = root / "unlabelled"
+    (unl / "gone.nii.gz").symlink_to(root / "nowhere.nii.gz")
+    (unl / "folder.nii.gz").mkdir()
+    (unl / "dicom_series").mkdir()
+    (unl / ".hidden.nii.gz").write_bytes((unl / "u00.nii.gz").read_bytes() + b"x")
+    cat.ingest(root)
+    df = cat.load_scans(root).set_index("image_path")
+    assert df.loc["unlabelled/gone.nii.gz"].reason == "broken symbolic link"
+    assert df.loc["unlabelled/folder.nii.gz"].reason == "a folder named like a scan, not a file"
+    assert df.loc["unlabelled/dicom_series"].reason == "a folder, not a NIfTI file"
+    assert df.loc["unlabelled/.hidden.nii.gz"].reason.startswith("hidden file")
+    others = [p for p in df.index if p.startswith("unlabelled/") and "u0" not in p]
+    assert len(others) == 4 and (df.loc[others, "status"] == "rejected").all()
+    assert (df.loc[["unlabelled/u00.nii.gz", "unlabelled/u01.nii.gz"], "status"] == "ok").all()
+
+
+def test_the_same_scan_saved_otherwise_is_a_duplicate(root):
+    """Re-compressed, re-typed copies of a test scan are the same voxels: never an unlabelled scan to train on."""
+    src = root / "test" / "data" / "t00.nii.gz"
+    img = scans.read_image(src)[0]
+    aff = scans.read_image(src)[1].affine
+    (root / "unlabelled" / "t00_again.nii.gz").write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), 1))
+    write_nifti(root / "unlabelled" / "t00_float.nii", img, aff, np.float32)  # uncompressed, float32
+    for i in range(3):  # more gzip copies at other levels: still one scan
+        (root / "unlabelled" / f"copy{i}.nii.gz").write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), 9 - i))
+    cat.ingest(root)
+    df = cat.load_scans(root).set_index("scan_id")
+    for name in ("t00_again", "t00_float", "copy0", "copy1", "copy2"):
+        assert df.loc[name].status == "rejected", name
+        assert df.loc[name].reason.startswith("same content as test/data/t00.nii.gz"), df.loc[name].reason
+    assert df.loc["t00"].status == "ok"
+    assert len(cat.usable_scans(root, "unlabelled")) == 3
+
+
+def test_a_file_that_vanishes_during_ingest_is_rejected_and_the_rest_goes_on(root, monkeypatch):
+    real = cat.file_sha256
+
+    def vanishing(path, *a, **kw):
+        if Path(path).name == "u01.nii.gz":
+            Path(path).unlink()
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(cat, "file_sha256", vanishing)
+    report = cat.ingest(root)
+    df = cat.load_scans(root).set_index("scan_id")
+    assert df.loc["u01"].status == "rejected" and df.loc["u01"].reason.startswith("cannot read file")
+    assert (df.drop(index="u01").status == "ok").all() and len(df) == 9
+    assert ("unlabelled/u01.nii.gz", df.loc["u01"].reason) in report.rejected
+
+
+def test_an_absurd_header_is_refused_before_reading(tmp_path):
+    hdr = scans.nib.Nifti1Header()
+    hdr.set_data_shape((4096, 4096, 4096))
+    hdr.set_data_dtype(np.int16)
+    bomb = tmp_path / "bomb.nii.gz"
+    # the header and a few zeros: a real file would hold 137 GB of voxels after decompression
+    bomb.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * (1 << 20)))
+    with pytest.raises(scans.ScanError, match="refused before reading"):
+        scans.read_image(bomb)

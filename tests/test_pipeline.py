@@ -84,13 +84,14 @@ def test_two_rounds_end_to_end(tmp_path):
     assert all(p["init_weights"].endswith("best.pt") for p in tuned.params)
     n_fold0 = sum(1 for f in catalog.load_folds(root, 2, 0).fold if f == 0)
     assert {p["n_val"] for p in members.params} == {str(n_fold0)}
-    assert {int(p["n_train"]) for p in tuned.params} == {4 - n_fold0 + summaries[1]["n_pseudo_selected"]}
+    assert {int(p["n_train"]) for p in tuned.params} == {4 - n_fold0 + summaries[2]["n_pseudo_selected"]}
 
     # round metrics line up in the compare view
     for key in ("test/dsc", "test/hd", "test/nsd", "test/rvd", "members/mean_val_dice", "round/seconds"):
         assert key in r0.metrics and key in r1.metrics, key
     assert {"pseudo/n_selected", "pseudo/n_candidates", "pseudo/true_dice_selected", "pseudo/true_dice_rejected",
-            "pseudo/spearman_predicted_dice"} <= set(r1.metrics)  # phantoms keep their unlabelled truth
+            "pseudo/n_with_truth"} <= set(r1.metrics)  # phantoms keep their unlabelled truth
+    assert r1.metrics["pseudo/n_with_truth"] == r1.metrics["pseudo/n_candidates"] == 3
     # the selection score was calibrated on the members' out-of-fold predictions, logged as CSV and PNG
     for run in (r0, r1):
         assert {a.path for a in client.list_artifacts(run.run_id, "calibration")} == {
@@ -111,7 +112,7 @@ def test_two_rounds_end_to_end(tmp_path):
     unlabelled = set(catalog.usable_scans(root, "unlabelled").scan_id)
     assert set(lineage.scan_id) == unlabelled
     assert set(lineage.teacher_run_id) == {r0.run_id}
-    assert lineage.selected.sum() == summaries[1]["n_pseudo_selected"] >= 1
+    assert lineage.selected.sum() == summaries[2]["n_pseudo_selected"] >= 1
     assert all(json.loads(m) == ["viola_tiny-fold0", "nnunet_tiny-fold0"] for m in lineage.members)
     assert all((root / p).exists() for p in lineage.mask_path)
     assert lineage.rule.nunique() == 1 and "predicted Dice>=" in lineage.rule.iloc[0]

@@ -42,6 +42,7 @@ from monai.utils import set_determinism
 from pydantic import BaseModel, ConfigDict, Field
 
 from data_catalog.preprocessing import load_preprocessed
+from data_catalog.scans import atomic_write
 from viola_models.configs import build_from_config, count_parameters, model_config
 from viola_models.predict import sliding_window_probability
 
@@ -306,9 +307,7 @@ def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.O
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng_state() -> dict:
@@ -477,7 +476,6 @@ def fit(
                 cb.on_checkpoint(last)
     result = FitResult(best_dice=best_dice, best_step=best_step, steps=step, best_checkpoint=out_dir / "best.pt",
                        seconds=time.perf_counter() - started, resumed_from=resumed_from, history=history)
-    tmp = done_file.with_name(".result.json.tmp")
-    tmp.write_text(json.dumps(result.to_json() | {"digest": digest}, indent=1))
-    tmp.replace(done_file)
+    text = json.dumps(result.to_json() | {"digest": digest}, indent=1)
+    atomic_write(done_file, lambda tmp: tmp.write_text(text))
     return result
