@@ -273,13 +273,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     would give it (0o644 under the usual umask), not the private mode of a temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
     try:
         os.fchmod(fd, _new_file_mode())
         os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file, not the temporary one
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

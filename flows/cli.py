@@ -110,12 +110,15 @@ def run(
 ) -> None:
     """Run the next self-training round(s) in this process (Prefect's ephemeral API, no server)."""
     _setup(flows=True)
+    from data_catalog.catalog import discover
     from flows.profiles import ProfileError, load_profile, parse_overrides
 
     try:
         overrides = parse_overrides(set_ or [])
-        load_profile(profile, data, overrides)  # fail fast, before Prefect starts, on a bad profile
-    except ProfileError as e:
+        settings = load_profile(profile, data, overrides)  # fail fast, before Prefect starts, on a bad profile
+        if data is not None or settings.data.synth is None:  # a user's data root must hold scans
+            discover(settings.data.root)
+    except (ProfileError, FileNotFoundError) as e:
         _fail(str(e))
     from flows.self_training import self_training
 
@@ -169,9 +172,14 @@ def predict(
     profile: Annotated[str, typer.Option(help="profile whose registry model / data root to use")] = "demo",
     data: Annotated[Path | None, typer.Option(help="data root for --round (default: the profile's)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
+    allow_rejected: Annotated[bool, typer.Option(
+        help="exit 0 even when inputs were rejected (batch use); the table lists them either way")] = False,
 ) -> None:
-    """Segment scans with a trained ensemble (default: the champion of the local registry)."""
+    """Segment scans with a trained ensemble (default: the champion of the local registry).
+
+    Exits 1 when any input was rejected (unless --allow-rejected), 2 on a usage or model error."""
     _setup()
+    import tempfile
     import time
 
     from flows.profiles import ProfileError, load_profile
@@ -184,14 +192,19 @@ def predict(
         device = str(resolve_device(device))
     except ValueError as e:
         _fail(str(e))
+    from tasks.tracking import TrackingUnavailable
+
     try:
         settings = load_profile(profile, data)
-        folder = resolve_ensemble_dir(model, round, checkpoints, settings.work_dir,
-                                      settings.tracking.registered_model, tracking_uri)
-        ensemble = load_ensemble(folder, device=device)
-    except (*_KNOWN, ProfileError) as e:
+        with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:  # a registry download, removed after loading
+            folder = resolve_ensemble_dir(model, round, checkpoints, settings.work_dir,
+                                          settings.tracking.registered_model, tracking_uri, Path(tmp))
+            ensemble = load_ensemble(folder, device=device)
+    except (*_KNOWN, ProfileError, TrackingUnavailable) as e:
         _fail(str(e))
-    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {folder} on {device}")
+    source = checkpoints or (f"round {round}" if round is not None else model or
+                             f"models:/{settings.tracking.registered_model}@champion")
+    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}")
 
     def progress(i: int, n: int, row: dict) -> None:
         if row["status"] == "ok":
@@ -208,8 +221,10 @@ def predict(
     except _KNOWN as e:
         _fail(str(e))
     ok = int((table.status == "ok").sum())
-    typer.echo(f"segmented {ok} of {len(table)} scan(s) ({len(table) - ok} rejected) in "
+    typer.echo(f"segmented {ok} of {len(table)} input(s) ({len(table) - ok} rejected) in "
                f"{time.perf_counter() - t0:.1f} s; masks and predictions_info.csv in {output}")
+    if ok < len(table) and not allow_rejected:
+        raise typer.Exit(1)
 
 
 def main() -> None:

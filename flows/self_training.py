@@ -150,7 +150,9 @@ def self_training(profile: str = "demo", data_root: str | None = None, rounds: i
     extra = [a for a, on in (("control", settings.round.control if control is None else control),
                              ("oracle", oracle)) if on]
     s = settings.data
-    data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels, s.synth.model_dump() if s.synth else None)
+    # phantoms are generated only into the profile's own data root (the demo), never into a user's
+    synth = s.synth.model_dump() if s.synth and data_root is None else None
+    data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels, synth)
     results = []
     last = latest_finished_round(settings.work_dir)
     for arm in extra if last >= 1 else []:

@@ -23,9 +23,10 @@ def _has_scans(root: Path) -> bool:
 @task(name="prepare-data")
 def prepare_data(root: Path, n_folds: int, fold_seed: int = 0, binarize_labels: bool = False,
                  synth: dict | None = None) -> dict:
-    """Generate the phantom dataset (``synth``: arguments of ``write_phantom_dataset``) if the root
-    holds no scans, then ingest (incremental) and update the folds. Returns the catalog hash, counts,
-    new unlabelled scans and the fold of each labelled scan."""
+    """Generate the phantom dataset (``synth``: arguments of ``write_phantom_dataset``; only for a
+    profile's own demo root) if the root holds no scans, then ingest (incremental) and update the
+    folds. Returns the catalog and test-set hashes, counts, new unlabelled scans and the fold of
+    each labelled scan. A missing or empty root without ``synth`` is a FileNotFoundError."""
     root = Path(root)
     if synth is not None and not _has_scans(root):
         from data_catalog.phantoms import write_phantom_dataset

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 __all__ = [
+    "TrackingUnavailable",
     "client_for",
     "code_version",
     "create_run",
@@ -33,27 +34,105 @@ __all__ = [
     "log_params",
     "log_table",
     "run_exists",
+    "with_retries",
 ]
 
 log = logging.getLogger(__name__)
 _MAX_PARAM = 6000
 
 
-def default_tracking_uri(cwd: Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``mlruns/mlflow.db`` under ``cwd``."""
+class TrackingUnavailable(RuntimeError):
+    """The MLflow store stayed busy or unreachable for the whole bounded wait (one-line reason)."""
+
+
+BUSY_WAIT_S = 60.0  # how long a busy or unreachable store is retried before giving up
+_TRANSIENT = ("database is locked", "database table is locked", "connection refused", "max retries exceeded",
+              "failed to establish a new connection", "temporarily unavailable", "timed out")
+
+
+def default_tracking_uri(cwd: Path | None = None, create: bool = True) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``mlruns/mlflow.db`` under ``cwd``
+    (its folder is created only with ``create``: a command that only reads must not leave one)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     store = (cwd or Path.cwd()).resolve() / "mlruns"
-    store.mkdir(parents=True, exist_ok=True)
+    if create:
+        store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _transient(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(t in text for t in _TRANSIENT)
+
+
+def with_retries(call, what: str, wait_s: float = BUSY_WAIT_S):
+    """``call()``, retried with backoff while the store is busy (SQLite locked by another writer) or
+    unreachable (a tracking server restarting); after ``wait_s`` a TrackingUnavailable with one line."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise TrackingUnavailable(f"MLflow store {what} still busy or unreachable after {wait_s:.0f} s "
+                                          f"({first})") from None
+            log.warning("MLflow store %s busy or unreachable; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _RetryingClient:
+    """An MlflowClient whose calls are retried while the store is busy or unreachable."""
+
+    def __init__(self, client: MlflowClient, uri: str) -> None:
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *a, **kw: with_retries(lambda: attr(*a, **kw), self._uri)
+
+
+_READY: set[str] = set()
+
+
+def _prepare_store(uri: str) -> None:
+    """Create and migrate a SQLite store once, under a file lock beside it: two processes opening a
+    new store at once must not both run its schema migration (that leaves it broken for good)."""
+    path = sqlite_path(uri)
+    if path is None or uri in _READY:
+        return
+    if not path.parent.is_dir():
+        raise TrackingUnavailable(f"MLflow store {uri}: folder {path.parent} does not exist")
+    import filelock
+
+    with filelock.FileLock(str(path) + ".lock", timeout=BUSY_WAIT_S):
+        with_retries(lambda: MlflowClient(tracking_uri=uri).search_experiments(max_results=1), uri)
+    _READY.add(uri)
+
+
 def client_for(uri: str) -> MlflowClient:
-    """A client of ``uri`` for runs and registered models alike (also the process default)."""
+    """A client of ``uri`` for runs and registered models alike (also the process default); a new
+    SQLite store is created under a lock, and calls are retried while the store is busy."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # models:/ URIs resolve through the registry URI, not the tracking one
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        _prepare_store(uri)
+    except TimeoutError:  # filelock.Timeout
+        raise TrackingUnavailable(f"MLflow store {uri}: another process has been creating it for over "
+                                  f"{BUSY_WAIT_S:.0f} s") from None
+    return _RetryingClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)  # type: ignore[return-value]
 
 
 def _artifact_root(uri: str) -> str | None:

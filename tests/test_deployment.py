@@ -64,6 +64,9 @@ def test_serve_then_run_the_round_deployment(tmp_path):
            "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_PROFILES_PATH", None)
     data, store = tmp_path / "data", tmp_path / "mlruns"
+    from data_catalog.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(data, labelled=4, unlabelled=3, test=2, seed=7, size="small")  # the tiny profile's
     store.mkdir()
     logs = tmp_path / "logs"
     logs.mkdir()

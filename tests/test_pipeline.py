@@ -23,6 +23,14 @@ def prefect_api():
         yield
 
 
+def _phantoms(root: Path) -> Path:
+    """The tiny profile's phantoms (the pipeline writes phantoms only into a profile's own demo root)."""
+    from data_catalog.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(root, labelled=4, unlabelled=3, test=2, seed=7, size="small")
+    return root
+
+
 def _uri(tmp: Path) -> str:
     return f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
 
@@ -39,7 +47,7 @@ def test_two_rounds_end_to_end(tmp_path):
     from flows.self_training import self_training
 
     (tmp_path / "mlruns").mkdir()
-    root = tmp_path / "data"
+    root = _phantoms(tmp_path / "data")
     uri = _uri(tmp_path)
     summaries = self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=uri, control=True)
     assert [(s["round"], s["arm"]) for s in summaries] == [(0, "self-training"), (0, "control"), (1, "self-training"),
@@ -144,7 +152,7 @@ def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monk
     from flows.self_training import self_training
 
     (tmp_path / "mlruns").mkdir()
-    root, uri = tmp_path / "data", _uri(tmp_path)
+    root, uri = _phantoms(tmp_path / "data"), _uri(tmp_path)
     real_fit = tasks.training.fit
     calls: list[str] = []
 

@@ -39,7 +39,10 @@ def test_masks_keep_each_scans_geometry_and_header(ensemble_dir, scans, tmp_path
     ens = load_ensemble(ensemble_dir)
     table = segment.predict_folder(scans, tmp_path / "out", ens, overlays=True)
     assert _snapshot(scans) == before  # inputs untouched
-    assert list(table.file_name) == ["lps.nii.gz", "prs.nii.gz", "ras.nii"] and set(table.status) == {"ok"}
+    assert list(table.file_name) == ["lps.nii.gz", "notes.txt", "prs.nii.gz", "ras.nii"]
+    assert list(table.status) == ["ok", "rejected", "ok", "ok"]  # every input gets a row, with its reason
+    assert table.set_index("file_name").loc["notes.txt"].reason == "not a NIfTI file name (.nii or .nii.gz)"
+    table = table[table.status == "ok"]
     for name in table.file_name:
         src, out = nib.load(scans / name), nib.load(tmp_path / "out" / name)
         assert out.shape == src.shape and np.allclose(out.affine, src.affine)
@@ -50,9 +53,9 @@ def test_masks_keep_each_scans_geometry_and_header(ensemble_dir, scans, tmp_path
         assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
     assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["lps.png", "prs.png", "ras.png"]
     on_disk = pd.read_csv(tmp_path / "out" / "predictions_info.csv")
-    assert list(on_disk.columns) == segment.PREDICTION_COLUMNS and len(on_disk) == 3
+    assert list(on_disk.columns) == segment.PREDICTION_COLUMNS and len(on_disk) == 4
     # the table's volume is the written mask's voxel count times the voxel volume
-    for r in on_disk.itertuples():
+    for r in on_disk[on_disk.status == "ok"].itertuples():
         m = nib.load(tmp_path / "out" / r.file_name)
         ml = float(np.asarray(m.dataobj).sum()) * float(np.prod(m.header.get_zooms()[:3])) / 1000
         assert r.predicted_volume_ml == pytest.approx(ml, abs=1e-3)
@@ -108,9 +111,14 @@ def test_cli_predict(ensemble_dir, scans, tmp_path):
     out = tmp_path / "cli_out"
     res = runner.invoke(app, ["predict", str(scans), str(out), "--checkpoints", str(ensemble_dir),
                               "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    assert "[3/3]" in res.output and "segmented 3 of 3 scan(s)" in res.output
+    # notes.txt is rejected: listed, and the exit code says so (1) unless --allow-rejected
+    assert res.exit_code == 1, res.output
+    assert "[4/4]" in res.output and "segmented 3 of 4 input(s) (1 rejected)" in res.output
+    assert "notes.txt: rejected: not a NIfTI file name" in res.output
     assert (out / "predictions_info.csv").exists()
+    res = runner.invoke(app, ["predict", str(scans), str(out), "--checkpoints", str(ensemble_dir),
+                              "--device", "cpu", "--allow-rejected"])
+    assert res.exit_code == 0, res.output
     # no trained model anywhere: one line, exit code 2
     res = runner.invoke(app, ["predict", str(scans), str(out), "--tracking-uri",
                               f"sqlite:///{tmp_path / 'empty.db'}"])
@@ -133,6 +141,36 @@ def test_cli_predict_uses_the_registry_champion_by_default(ensemble_dir, scans, 
     register_ensemble.fn(ensemble_dir, "viola-ich-demo", uri, run_id, 0, 0.5, "t0", {}, tmp_path / "cache", {})
     mlflow_default = tmp_path / "mlflow.db"
     res = CliRunner().invoke(app, ["predict", str(scans), str(tmp_path / "out"), "--tracking-uri", uri,
-                                   "--device", "cpu"])
+                                   "--device", "cpu", "--allow-rejected"])
     assert res.exit_code == 0, res.output
-    assert "segmented 3 of 3" in res.output and not mlflow_default.exists()
+    assert "segmented 3 of 4" in res.output and not mlflow_default.exists()
+    # no store where the default points: one line, and nothing created in the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # a new process has none (client_for sets it)
+    res = CliRunner().invoke(app, ["predict", str(scans), str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "there is no MLflow store at" in res.output
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_full_disk_leaves_no_partial_mask_and_one_line(ensemble_dir, scans, tmp_path, monkeypatch):
+    import errno
+
+    import nibabel
+
+    from flows.cli import app
+
+    real_save = nibabel.save
+
+    def full(img, path):
+        real_save(img, path)  # the bytes go to the temporary file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nibabel, "save", full)
+    before = _snapshot(scans)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["predict", str(scans), str(out), "--checkpoints", str(ensemble_dir),
+                                   "--device", "cpu"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "cannot write" in line and "lps.nii.gz" in line and "No space" in line
+    assert sorted(p.name for p in out.iterdir()) == []  # no mask, no temporary file, no table yet
+    assert _snapshot(scans) == before

@@ -128,11 +128,12 @@ PREDICTION_COLUMNS = [
 ]
 
 
-def _nifti_inputs(folder: Path) -> list[Path]:
-    if folder.is_file():
-        return [folder]
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")))
+def _inputs(folder: Path) -> list[tuple[Path, str]]:
+    """Every entry of the input folder (or the one input file), with why it cannot be a scan ("" if it can)."""
+    from data_catalog.catalog import entry_problem
+
+    entries = [folder] if not folder.is_dir() else sorted(folder.iterdir())
+    return [(p, entry_problem(p)) for p in entries]
 
 
 def predict_folder(
@@ -160,15 +161,17 @@ def predict_folder(
     src_root = input_dir if input_dir.is_dir() else input_dir.parent
     if output_dir.resolve() == src_root.resolve():
         raise ValueError(f"output folder {output_dir} is the input folder: masks would replace the scans")
-    inputs = _nifti_inputs(input_dir)
-    if not inputs:
+    inputs = _inputs(input_dir)
+    if not any(problem == "" for _, problem in inputs):
         raise FileNotFoundError(f"no .nii or .nii.gz files in {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     table = output_dir / "predictions_info.csv"
-    for i, path in enumerate(inputs, 1):
+    for i, (path, problem) in enumerate(inputs, 1):
         row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": path.name}
         try:
+            if problem:
+                raise ScanError(problem)
             seg = segment_scan(path, ensemble, overlap=overlap, tta=tta)
         except ScanError as e:
             row.update(status="rejected", reason=str(e))
