@@ -112,13 +112,16 @@ def run(
     _setup(flows=True)
     from data_catalog.catalog import discover
     from flows.profiles import ProfileError, load_profile, parse_overrides
+    from tasks.rounds import RunBusyError, check_free
+    from tasks.tracking import TrackingUnavailable
 
-    try:
+    try:  # fail fast, in one line, before Prefect starts
         overrides = parse_overrides(set_ or [])
-        settings = load_profile(profile, data, overrides)  # fail fast, before Prefect starts, on a bad profile
+        settings = load_profile(profile, data, overrides)
         if data is not None or settings.data.synth is None:  # a user's data root must hold scans
             discover(settings.data.root)
-    except (ProfileError, FileNotFoundError) as e:
+        check_free(settings.work_dir)
+    except (ProfileError, FileNotFoundError, RunBusyError) as e:
         _fail(str(e))
     from flows.self_training import self_training
 
@@ -126,7 +129,7 @@ def run(
         results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
                                 tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
                                 overrides=overrides or None)
-    except _KNOWN as e:
+    except (*_KNOWN, RunBusyError, TrackingUnavailable) as e:
         _fail(str(e), code=1)
     for res in results:
         typer.echo(res["summary"])

@@ -26,7 +26,16 @@ from tasks.evaluation import evaluate_round
 from tasks.models import assemble_ensemble
 from tasks.pseudo import pseudo_label
 from tasks.registry import register_ensemble
-from tasks.rounds import close_round_run, latest_finished_round, open_round_run, plan_round
+from tasks.rounds import (
+    begin_invocation,
+    close_round_run,
+    end_invocation,
+    exclusive,
+    latest_finished_round,
+    open_round_run,
+    plan_round,
+    recover_crashed,
+)
 from tasks.training import train_member
 from viola_models.inference import resolve_device
 
@@ -152,17 +161,21 @@ def self_training(profile: str = "demo", data_root: str | None = None, rounds: i
     s = settings.data
     # phantoms are generated only into the profile's own data root (the demo), never into a user's
     synth = s.synth.model_dump() if s.synth and data_root is None else None
-    data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels, synth)
-    results = []
-    last = latest_finished_round(settings.work_dir)
-    for arm in extra if last >= 1 else []:
-        results.append(run_arm(settings, uri, data, arm, last, force))
-    for _ in range(rounds):
-        result = run_arm(settings, uri, data, "self-training", None, force)
-        results.append(result)
-        if result.get("skipped"):
-            break
-        results += [run_arm(settings, uri, data, arm, result["round"], force) for arm in extra]
+    with exclusive(settings.work_dir, create_root=synth is not None):  # one run per data root at a time
+        recover_crashed(settings.work_dir, uri)
+        data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels, synth)
+        first = begin_invocation(settings.work_dir, rounds, extra)
+        results = []
+        last = latest_finished_round(settings.work_dir)
+        if first == last + 1:  # a new call: the last finished round gets the arms it lacks
+            results += [run_arm(settings, uri, data, arm, last, force) for arm in (extra if last >= 1 else [])]
+        for r in range(first, first + rounds):
+            result = run_arm(settings, uri, data, "self-training", r, force)
+            results.append(result)
+            if result.get("skipped"):
+                break
+            results += [run_arm(settings, uri, data, arm, r, force) for arm in extra]
+        end_invocation(settings.work_dir)
     ran = [f"{r['arm']} round {r['round']}" for r in results if not r.get("skipped")]
     skipped = [r["skipped"] for r in results if r.get("skipped") and r["arm"] == "self-training"]
     # the flow run ends Completed either way; its message says what ran and why a round did not

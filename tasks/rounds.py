@@ -13,18 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import filelock
 from prefect import task
 from prefect.runtime import flow_run
 
 from data_catalog.scans import atomic_write
 from tasks import tracking
 
-__all__ = ["ARMS", "RoundPlan", "arm_dir", "close_round_run", "latest_finished_round", "next_round",
-           "open_round_run", "plan_round", "read_state", "write_state"]
+__all__ = ["ARMS", "RoundPlan", "RunBusyError", "arm_dir", "begin_invocation", "check_free", "close_round_run",
+           "end_invocation",
+           "exclusive", "latest_finished_round", "next_round", "open_round_run", "plan_round",
+           "read_state", "recover_crashed", "write_state"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,116 @@ def next_round(work_dir: Path) -> int:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class RunBusyError(RuntimeError):
+    """Another run holds the data root (one-line reason)."""
+
+
+def _acquire(work_dir: Path, create_root: bool) -> filelock.FileLock:
+    work_dir = Path(work_dir)
+    if not work_dir.parent.is_dir() and not create_root:
+        raise FileNotFoundError(f"data root {work_dir.parent} does not exist")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(work_dir / ".run.lock"))
+    owner = work_dir / ".run.owner"
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = owner.read_text().strip() if owner.exists() else "unknown process"
+        raise RunBusyError(f"another run is working on {work_dir.parent} ({holder}); wait for it to finish "
+                           "or stop it") from None
+    return lock
+
+
+def check_free(work_dir: Path) -> None:
+    """RunBusyError now, before starting anything, if another run holds the data root."""
+    if Path(work_dir).parent.is_dir():
+        _acquire(work_dir, create_root=False).release()
+
+
+@contextmanager
+def exclusive(work_dir: Path, create_root: bool = False) -> Iterator[None]:
+    """Hold the data root for one run: a second `viola run` (or deployment run) on the same data
+    root exits with a one-line reason naming the holder instead of interleaving with it. The lock
+    is the operating system's (released when the holder dies, even by kill -9). A data root that
+    does not exist is an error unless ``create_root`` (the demo's phantoms go there)."""
+    work_dir = Path(work_dir)
+    lock = _acquire(work_dir, create_root)
+    owner = work_dir / ".run.owner"
+    try:
+        text = f"pid {os.getpid()} on {socket.gethostname()}, since {_now()}"
+        atomic_write(owner, lambda tmp: tmp.write_text(text))
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+@task(name="recover-crashed")
+def recover_crashed(work_dir: Path, tracking_uri: str) -> list[str]:
+    """With the data root held, every arm still marked running was left by a process that died:
+    its Prefect flow run is set Crashed, its MLflow run and unfinished member runs FAILED (a resume
+    sets them running again). Returns the arms it found."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    found = []
+    client = None
+    for state_file in sorted((Path(work_dir) / "rounds").glob("*/state.json")):
+        state = json.loads(state_file.read_text())
+        if state.get("status") != "running":
+            continue
+        found.append(state_file.parent.name)
+        dead_flow = state.get("flow_run_id")
+        if dead_flow and dead_flow != (flow_run.get_id() or ""):
+            try:
+                with get_client(sync_client=True) as prefect:
+                    if prefect.read_flow_run(dead_flow).state.is_running():
+                        prefect.set_flow_run_state(dead_flow, Crashed(
+                            message=f"the process running it died; found by flow run {flow_run.get_id()}"),
+                            force=True)
+            except Exception as e:  # another Prefect API than the one that ran it: nothing to mark there
+                log.info("flow run %s of %s not marked crashed (%s)", dead_flow, state_file.parent.name,
+                         type(e).__name__)
+        client = client or tracking.client_for(tracking_uri)
+        run_id = state.get("run_id")
+        if tracking.run_exists(client, run_id):
+            children = client.search_runs([state["experiment_id"]], f"tags.`mlflow.parentRunId` = '{run_id}' and "
+                                          "attributes.status = 'RUNNING'") if state.get("experiment_id") else []
+            for run in [client.get_run(run_id), *children]:
+                if run.info.status == "RUNNING":
+                    tracking.set_tags(client, run.info.run_id, {"viola.crashed": f"found at {_now()}"})
+                    client.set_terminated(run.info.run_id, "FAILED")
+        log.warning("%s was left running by a process that died: marked crashed, and resumed now",
+                    state_file.parent.name)
+    return found
+
+
+@task(name="begin-invocation")
+def begin_invocation(work_dir: Path, rounds: int, arms: list[str]) -> int:
+    """The first round of this call. ``--rounds N`` means N rounds in all: the same command run
+    again after a crash continues the crashed call (its first round and N), so it completes the
+    rounds that call asked for and no more; any other call starts at the next round."""
+    path = Path(work_dir) / "invocation.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    same = previous.get("status") == "running" and previous.get("rounds") == rounds and previous.get("arms") == arms
+    first = previous["first_round"] if same else next_round(Path(work_dir))
+    record = {"first_round": first, "rounds": rounds, "arms": arms, "status": "running",
+              "started": previous.get("started") if same else _now(), "flow_run_id": flow_run.get_id() or ""}
+    text = json.dumps(record, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    if same:
+        log.info("continuing the interrupted call for rounds %d..%d", first, first + rounds - 1)
+    return first
+
+
+@task(name="end-invocation")
+def end_invocation(work_dir: Path) -> None:
+    path = Path(work_dir) / "invocation.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    text = json.dumps({**record, "status": "done", "finished": _now()}, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass
@@ -158,6 +275,7 @@ def open_round_run(plan: RoundPlan, tracking_uri: str, experiment: str, tags: di
         log.info("%s started (MLflow run %s)", plan.name, run_id)
     state.update({"round": plan.round, "arm": plan.arm, "status": "running", "run_id": run_id,
                   "started": state.get("started") or _now(), "experiment_id": exp_id,
+                  "flow_run_id": flow_run.get_id() or "",
                   **{k.removeprefix("viola."): v for k, v in tags.items()
                      if k in ("viola.catalog_hash", "viola.profile_hash", "viola.test_set_hash")}})
     write_state(Path(plan.dir), state)

@@ -79,3 +79,53 @@ def test_profiles_validate_what_rounds_need_at_load(tmp_path):
     assert load_profile("demo", overrides={"train": {"lr": 1e-4}}).digest() != base
     with pytest.raises(ProfileError, match="expected KEY=VALUE"):
         parse_overrides(["student.init"])
+
+
+def test_one_run_per_data_root_and_a_dead_holder_frees_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tasks.rounds import RunBusyError, check_free, exclusive
+
+    work = tmp_path / "data" / "viola_work"
+    with pytest.raises(FileNotFoundError, match="does not exist"), exclusive(work):
+        pass  # a user's missing data root is an error, never created
+    assert not (tmp_path / "data").exists()
+    work.parent.mkdir()
+    code = ("import sys, time; sys.path.insert(0, '.'); from tasks.rounds import exclusive\n"
+            f"with exclusive({str(work)!r}):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusyError, match=rf"another run is working on .*data \(pid {holder.pid} on "):
+            check_free(work)
+        with pytest.raises(RunBusyError), exclusive(work):
+            pass
+    finally:
+        holder.kill()  # kill -9: the operating system releases its lock
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with exclusive(work):
+                break
+        except RunBusyError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_rounds_n_means_n_rounds_in_all_counting_the_resumed_one(tmp_path):
+    from tasks.rounds import begin_invocation, end_invocation
+
+    work = tmp_path / "work"
+    assert begin_invocation.fn(work, 2, []) == 0  # `--rounds 2` on a new root: rounds 0 and 1
+    _finish(work, 0)
+    write_state(arm_dir(work, 1), {"status": "running"})  # ... and it died in round 1
+    assert begin_invocation.fn(work, 2, []) == 0  # the same command continues it: round 1 only remains
+    end_invocation.fn(work)
+    _finish(work, 1)
+    assert begin_invocation.fn(work, 2, []) == 2  # a new call after a finished one: the next rounds
+    end_invocation.fn(work)
+    write_state(arm_dir(work, 2), {"status": "running"})
+    assert begin_invocation.fn(work, 1, ["control"]) == 2  # another command after a crash: starts at the resumed
