@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -112,25 +113,29 @@ def run(
     _setup(flows=True)
     from data_catalog.catalog import discover
     from flows.profiles import ProfileError, load_profile, parse_overrides
-    from tasks.rounds import RunBusyError, check_free
+    from tasks.rounds import RunBusyError, exclusive
     from tasks.tracking import TrackingUnavailable
 
+    held = ExitStack()
     try:  # fail fast, in one line, before Prefect starts
         overrides = parse_overrides(set_ or [])
         settings = load_profile(profile, data, overrides)
-        if data is not None or settings.data.synth is None:  # a user's data root must hold scans
+        user_root = data is not None or settings.data.synth is None
+        if user_root:  # a user's data root must hold scans; only the demo's is filled with phantoms
             discover(settings.data.root)
-        check_free(settings.work_dir)
+        # the data root is this process's until it exits (the flow takes the same lock again)
+        held.enter_context(exclusive(settings.work_dir, create_root=not user_root))
     except (ProfileError, FileNotFoundError, RunBusyError) as e:
         _fail(str(e))
     from flows.self_training import self_training
 
-    try:
-        results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
-                                tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
-                                overrides=overrides or None)
-    except (*_KNOWN, RunBusyError, TrackingUnavailable) as e:
-        _fail(str(e), code=1)
+    with held:
+        try:
+            results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
+                                    tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
+                                    overrides=overrides or None)
+        except (*_KNOWN, RunBusyError, TrackingUnavailable) as e:
+            _fail(str(e), code=1)
     for res in results:
         typer.echo(res["summary"])
 

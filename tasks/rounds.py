@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from data_catalog.scans import atomic_write
 from tasks import tracking
 
-__all__ = ["ARMS", "RoundPlan", "RunBusyError", "arm_dir", "begin_invocation", "check_free", "close_round_run",
+__all__ = ["ARMS", "RoundPlan", "RunBusyError", "arm_dir", "begin_invocation", "close_round_run",
            "end_invocation",
            "exclusive", "latest_finished_round", "next_round", "open_round_run", "plan_round",
            "read_state", "recover_crashed", "write_state"]
@@ -73,43 +73,39 @@ class RunBusyError(RuntimeError):
     """Another run holds the data root (one-line reason)."""
 
 
-def _acquire(work_dir: Path, create_root: bool) -> filelock.FileLock:
-    work_dir = Path(work_dir)
-    if not work_dir.parent.is_dir() and not create_root:
-        raise FileNotFoundError(f"data root {work_dir.parent} does not exist")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(work_dir / ".run.lock"))
-    owner = work_dir / ".run.owner"
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        holder = owner.read_text().strip() if owner.exists() else "unknown process"
-        raise RunBusyError(f"another run is working on {work_dir.parent} ({holder}); wait for it to finish "
-                           "or stop it") from None
-    return lock
-
-
-def check_free(work_dir: Path) -> None:
-    """RunBusyError now, before starting anything, if another run holds the data root."""
-    if Path(work_dir).parent.is_dir():
-        _acquire(work_dir, create_root=False).release()
+def _lock(work_dir: Path) -> filelock.FileLock:
+    # one instance per path and process, counted: the command line holds the data root before
+    # Prefect starts, and the flow it runs takes the same lock again without a conflict
+    return filelock.FileLock(str(Path(work_dir) / ".run.lock"), is_singleton=True, thread_local=False)
 
 
 @contextmanager
 def exclusive(work_dir: Path, create_root: bool = False) -> Iterator[None]:
     """Hold the data root for one run: a second `viola run` (or deployment run) on the same data
     root exits with a one-line reason naming the holder instead of interleaving with it. The lock
-    is the operating system's (released when the holder dies, even by kill -9). A data root that
-    does not exist is an error unless ``create_root`` (the demo's phantoms go there)."""
+    is the operating system's (released when the holder dies, even by kill -9), and re-entrant
+    within a process. A data root that does not exist is an error unless ``create_root`` (the
+    demo's phantoms go there)."""
     work_dir = Path(work_dir)
-    lock = _acquire(work_dir, create_root)
-    owner = work_dir / ".run.owner"
+    if not work_dir.parent.is_dir() and not create_root:
+        raise FileNotFoundError(f"data root {work_dir.parent} does not exist")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock, owner = _lock(work_dir), work_dir / ".run.owner"
+    outermost = not lock.is_locked
     try:
-        text = f"pid {os.getpid()} on {socket.gethostname()}, since {_now()}"
-        atomic_write(owner, lambda tmp: tmp.write_text(text))
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        holder = owner.read_text().strip() if owner.exists() else "unknown process"
+        raise RunBusyError(f"another run is working on {work_dir.parent} ({holder}); wait for it to finish "
+                           "or stop it") from None
+    try:
+        if outermost:
+            text = f"pid {os.getpid()} on {socket.gethostname()}, since {_now()}"
+            atomic_write(owner, lambda tmp: tmp.write_text(text))
         yield
     finally:
-        owner.unlink(missing_ok=True)
+        if outermost:
+            owner.unlink(missing_ok=True)
         lock.release()
 
 

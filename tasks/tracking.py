@@ -71,9 +71,11 @@ def _transient(e: BaseException) -> bool:
     return any(t in text for t in _TRANSIENT)
 
 
-def with_retries(call, what: str, wait_s: float = BUSY_WAIT_S):
+def with_retries(call, what: str, wait_s: float | None = None):
     """``call()``, retried with backoff while the store is busy (SQLite locked by another writer) or
-    unreachable (a tracking server restarting); after ``wait_s`` a TrackingUnavailable with one line."""
+    unreachable (a tracking server restarting); after ``wait_s`` (default ``BUSY_WAIT_S``) a
+    TrackingUnavailable with one line."""
+    wait_s = BUSY_WAIT_S if wait_s is None else wait_s
     deadline = time.monotonic() + wait_s
     delay = 0.2
     while True:

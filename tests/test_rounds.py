@@ -86,7 +86,7 @@ def test_one_run_per_data_root_and_a_dead_holder_frees_it(tmp_path):
     import sys
     import time
 
-    from tasks.rounds import RunBusyError, check_free, exclusive
+    from tasks.rounds import RunBusyError, exclusive
 
     work = tmp_path / "data" / "viola_work"
     with pytest.raises(FileNotFoundError, match="does not exist"), exclusive(work):
@@ -98,9 +98,8 @@ def test_one_run_per_data_root_and_a_dead_holder_frees_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunBusyError, match=rf"another run is working on .*data \(pid {holder.pid} on "):
-            check_free(work)
-        with pytest.raises(RunBusyError), exclusive(work):
+        with pytest.raises(RunBusyError, match=rf"another run is working on .*data \(pid {holder.pid} on "), \
+                exclusive(work):
             pass
     finally:
         holder.kill()  # kill -9: the operating system releases its lock
