@@ -30,6 +30,7 @@ __all__ = [
     "read_image",
     "read_label",
     "save_nifti_like",
+    "scan_info",
     "voxel_hash",
 ]
 
@@ -145,15 +146,22 @@ def _squeeze_to_3d(data: np.ndarray) -> np.ndarray:
     return data
 
 
-def _info(img: nib.Nifti1Image, shape: tuple[int, ...]) -> ScanInfo:
-    affine = np.asarray(img.affine, dtype=np.float64)
+def scan_info(affine: np.ndarray, shape: tuple[int, ...]) -> ScanInfo:
+    """A scan's geometry from its affine: the one source of its voxel spacing (mm) and orientation,
+    whether the scan was just read or comes from the preprocessing cache."""
+    affine = np.asarray(affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ScanError("invalid affine (not finite or singular)")
-    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    if min(spacing) <= 0:
-        raise ScanError(f"invalid voxel spacing {spacing}")
+    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))
     codes = "".join(nib.aff2axcodes(affine))
     return ScanInfo(shape=tuple(int(s) for s in shape[:3]), spacing=spacing, orientation=codes, affine=affine)
+
+
+def _info(img: nib.Nifti1Image, shape: tuple[int, ...]) -> ScanInfo:
+    zooms = tuple(float(s) for s in img.header.get_zooms()[:3])
+    if min(zooms) <= 0:
+        raise ScanError(f"invalid voxel spacing {zooms} in the header")
+    return scan_info(img.affine, shape)
 
 
 def read_image(path: Path, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]:

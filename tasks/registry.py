@@ -37,7 +37,9 @@ def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evalua
     """Score the champion's ensemble on the current test set and record it on its version."""
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{champion.version}",
                                                       tracking_uri=client.tracking_uri))
-    _, means = evaluate_scans(load_ensemble(folder, device=device), scans, cache_dir=cache, **evaluate)
+    # the champion may preprocess otherwise than this round: its cases are looked up by its own settings
+    plain = {k: {f: v for f, v in scan.items() if f != "cache"} for k, scan in scans.items()}
+    _, means = evaluate_scans(load_ensemble(folder, device=device), plain, cache_dir=cache, **evaluate)
     dsc = float(means.get("dsc", math.nan))
     for key, value in {"test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash,
                        "rescored_at": datetime.now(UTC).isoformat(timespec="seconds")}.items():

@@ -33,8 +33,9 @@ def evaluate_scans(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Segment each scan on its native grid and score it against its label.
 
-    ``scans``: {scan_id: {"image", "label", "image_hash"}} (paths; the hash lets segmentation use
-    the preprocessing cache). Returns the per-scan table (scan_id, status, reason, dsc, hd, nsd,
+    ``scans``: {scan_id: {"image", "label", "image_hash", "cache"}} (paths; the hash lets
+    segmentation use the preprocessing cache, and ``cache``, when given, is the scan's preprocessed
+    case made with the ensemble's settings). Returns the per-scan table (scan_id, status, reason, dsc, hd, nsd,
     rvd, volumes, the confidence scores, seconds) and the means over the scans that were scored
     (``dsc``, ``hd``, ``nsd``, ``rvd``, ``n_cases``). A scan that cannot be read gets a row with
     its reason and is left out of the means.
@@ -43,8 +44,9 @@ def evaluate_scans(
     for i, (scan_id, scan) in enumerate(sorted(scans.items()), 1):
         t0 = time.perf_counter()
         try:
+            # the round preprocessed the scan with its label already: the image part is the same
             seg = segment_scan(Path(scan["image"]), ensemble, cache_dir=cache_dir, overlap=overlap, tta=tta,
-                               image_hash=scan.get("image_hash"))
+                               image_hash=scan.get("image_hash"), cached_case=scan.get("cache"))
             gt, _ = read_label(Path(scan["label"]), binarize=True)
         except ScanError as e:
             log.warning("evaluate: skipping %s: %s", scan_id, e)

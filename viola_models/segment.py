@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -27,7 +26,7 @@ from data_catalog.preprocessing import (
     load_preprocessed,
     preprocess_arrays,
 )
-from data_catalog.scans import ScanInfo, read_image
+from data_catalog.scans import ScanInfo, read_image, scan_info
 from viola_models.ensemble import Ensemble
 from viola_models.metrics import abc2_volume_ml
 from viola_models.predict import confidence_scores, predict_ensemble
@@ -52,13 +51,6 @@ class ScanSegmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _native_info(case: PreprocessedCase) -> ScanInfo:
-    """The scan's own geometry as recorded in its preprocessed case."""
-    affine = case.native_affine
-    return ScanInfo(shape=case.native_shape, spacing=tuple(float(v) for v in nib.affines.voxel_sizes(affine)),
-                    orientation="".join(nib.aff2axcodes(affine)), affine=affine)
-
-
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
     """Number and voxel sizes of the 26-connected lesions, labelled on the mask's bounding box only."""
     if not mask.any():
@@ -75,20 +67,26 @@ def segment_scan(
     tta: bool = False,
     cache_dir: Path | None = None,
     image_hash: str | None = None,
+    cached_case: Path | None = None,
 ) -> ScanSegmentation:
     """Segment one NIfTI scan (ScanError with a reason if the file is unusable).
 
     With ``cache_dir`` and ``image_hash`` (the catalog's, so the file was validated) the preprocessing
     comes from (or goes to) the cache, and on a hit the scan file is not read at all: its geometry is
-    in the cached case.
+    in the cached case. ``cached_case`` is such a case already at hand (it must have been made with
+    the ensemble's preprocessing settings).
     """
     t0 = time.perf_counter()
     case: PreprocessedCase
-    if cache_dir is not None and image_hash:
+    if cached_case is not None:  # already preprocessed (with its label) by the round, with these settings
+        t_read = t0
+        case = load_preprocessed(Path(cached_case))
+        info = scan_info(case.native_affine, case.native_shape)
+    elif cache_dir is not None and image_hash:
         t_read = t0
         path, _ = cached_preprocess(Path(cache_dir), Path(image_path), image_hash, ensemble.preprocess)
         case = load_preprocessed(path)
-        info = _native_info(case)
+        info = scan_info(case.native_affine, case.native_shape)
     else:
         image, info = read_image(Path(image_path))
         t_read = time.perf_counter()
