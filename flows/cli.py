@@ -191,7 +191,6 @@ def predict(
     import time
 
     from flows.profiles import ProfileError, load_profile
-    from tasks.models import resolve_ensemble_dir
     from viola_models.ensemble import load_ensemble
     from viola_models.inference import resolve_device
     from viola_models.segment import predict_folder
@@ -200,7 +199,7 @@ def predict(
         device = str(resolve_device(device))
     except ValueError as e:
         _fail(str(e))
-    from tasks.tracking import TrackingUnavailable
+    from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
 
     try:
         settings = load_profile(profile, data)

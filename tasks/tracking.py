@@ -33,6 +33,7 @@ __all__ = [
     "log_metrics",
     "log_params",
     "log_table",
+    "resolve_ensemble_dir",
     "run_exists",
     "with_retries",
 ]
@@ -228,3 +229,39 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     return f"{ver}+g{commit}{'-dirty' if dirty else ''}" if commit else ver
+
+
+def resolve_ensemble_dir(model_uri: str | None = None, round_: int | None = None, checkpoints: Path | None = None,
+                         work_dir: Path | None = None, registered_model: str | None = None,
+                         tracking_uri: str | None = None, download_to: Path | None = None) -> Path:
+    """The local folder of an ensemble, from exactly one of: ``checkpoints`` (a folder),
+    ``round_`` (``work_dir/rounds/round_NNN/ensemble``), ``model_uri`` (e.g.
+    ``models:/NAME@champion``, downloaded from MLflow) or, with none given, the champion of
+    ``registered_model`` in the local registry. A registry model is downloaded into ``download_to``
+    (a temporary folder of the caller's, so nothing is left behind)."""
+    given = [x is not None for x in (model_uri, round_, checkpoints)]
+    if sum(given) > 1:
+        raise ValueError("give at most one of --model, --round and --checkpoints")
+    if checkpoints is not None:
+        if not Path(checkpoints).is_dir():
+            raise FileNotFoundError(f"checkpoint folder {checkpoints} does not exist")
+        return Path(checkpoints)
+    if round_ is not None:
+        folder = Path(work_dir or ".") / "rounds" / f"round_{round_:03d}" / "ensemble"
+        if not (folder / "ensemble.json").exists():
+            raise FileNotFoundError(f"round {round_} has no finished ensemble in {folder}")
+        return folder
+    uri = tracking_uri or default_tracking_uri(create=False)
+    model_uri = model_uri or f"models:/{registered_model}@champion"
+    store = sqlite_path(uri)
+    if store is not None and not store.is_file():  # reading must not create an empty store
+        raise FileNotFoundError(f"cannot load {model_uri}: there is no MLflow store at {store} (run `viola run` "
+                                "first, give --tracking-uri, or give --checkpoints or --round)")
+    client_for(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri,
+                                                        dst_path=str(download_to) if download_to else None))
+    except mlflow.exceptions.MlflowException as e:
+        first = str(e).splitlines()[0]
+        raise FileNotFoundError(f"cannot load {model_uri} from {uri}: {first} (run `viola run` first, or give "
+                                "--checkpoints or --round)") from None
