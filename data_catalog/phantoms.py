@@ -1,6 +1,6 @@
 """Synthetic non-contrast head CT with intracranial haemorrhage (ICH): the project's embedded default dataset.
 
-Implements ``docs/phantom-spec.md``. A phantom is modelled with analytic shapes in a head-centred frame
+A phantom is modelled with analytic shapes in a head-centred frame
 (mm; x -> patient left, y -> posterior, z -> superior, origin near the lateral ventricles), sampled on a grid of
 1 mm sub-slices at the size's in-plane spacing, averaged to 5 mm slices (partial volume), blurred by the scanner
 point-spread function, shifted by a per-scan HU offset (+-5) and given correlated noise (white noise blurred

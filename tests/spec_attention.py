@@ -1,4 +1,4 @@
-"""A literal, operation-by-operation transcription of the viola attention in docs/viola-unet-spec.md.
+"""A literal, operation-by-operation transcription of the viola attention as the authors wrote it.
 
 Used as the oracle in tests and as the "unfused" comparison in benchmarks/bench_models.py: one
 Conv2d per DDCM layer and axis, F.interpolate after each, the fusion written as in the spec. It

@@ -203,8 +203,7 @@ def test_threshold_baseline_scores_clearly_below_the_labels(small_cases: list[Ph
         scores.append(_dice(pred, ph.label))
     mean = float(np.mean(scores))
     print(f"threshold baseline Dice: {mean:.3f} (per case {np.round(scores, 2).tolist()})")
-    assert mean < 0.5
-    assert _dice(cases[0].label, cases[0].label) == 1.0
+    assert 0.1 < mean < 0.5  # it finds blood, but far from all of it and much else besides
 
 
 def test_threshold_baseline_stays_inside_the_skull():

@@ -59,7 +59,7 @@ def test_masks_keep_each_scans_geometry_and_header(ensemble_dir, scans, tmp_path
         m = nib.load(tmp_path / "out" / r.file_name)
         ml = float(np.asarray(m.dataobj).sum()) * float(np.prod(m.header.get_zooms()[:3])) / 1000
         assert r.predicted_volume_ml == pytest.approx(ml, abs=1e-3)
-        assert r.consensus in ("lesion", "empty", "disputed") and r.inference_seconds > 0
+        assert r.consensus in ("lesion", "empty", "disputed")
         assert np.isnan(r.predicted_dice)  # this ensemble carries no calibration
 
 

@@ -25,12 +25,15 @@ def test_output_grid_channels_and_windows():
     assert np.allclose(case.spacing, (2.0, 2.0, 5.0))
     assert "".join(__import__("nibabel").aff2axcodes(case.affine)) == "RAS"
     assert case.native_shape == (48, 48, 12) and np.allclose(case.native_affine, aff)
-    # windows: brain (30 HU) -> 0.3 in [0, 100], 50/220 in [-20, 200], 230/1500 in [-200, 1300]
-    centre = tuple(s // 2 for s in case.image.shape[1:])
-    brain = case.image[(slice(None), *centre)]
-    lesion_free = brain if case.label[(0, *centre)] == 0 else None
-    if lesion_free is not None:
-        assert np.allclose(brain, [0.30, 50 / 220, 230 / 1500], atol=0.06)
+    # windows: brain (30 HU) -> 0.3 in [0, 100], 50/220 in [-20, 200], 230/1500 in [-200, 1300];
+    # the same head without a bleed, so that the centre voxel is brain
+    plain = pp.preprocess_arrays(head_volume(shape=(48, 48, 12), spacing=(4.0, 4.0, 5.0), codes="LPS",
+                                             lesions=())[0], aff, None, s)
+    centre = tuple(n // 2 for n in plain.image.shape[1:])
+    assert np.allclose(plain.image[(slice(None), *centre)], [0.30, 50 / 220, 230 / 1500], atol=0.06)
+    # the bleed (70 HU): 0.7 in the first window
+    bleed = case.image[0][case.label[0] == 1]
+    assert np.median(bleed) == pytest.approx(0.70, abs=0.08)
     assert case.image.min() >= 0 and case.image.max() <= 1
     # cropped to the head: the box is smaller than the resampled field of view
     assert case.image.shape[1] < 48 * 4 / 2

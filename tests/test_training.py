@@ -63,7 +63,9 @@ def test_fit_writes_a_loadable_best_checkpoint_and_logs(cases, tmp_path):
     result = fit(cases[:3], cases[3:], _settings(), tmp_path / "m", callbacks=cb, meta={"member": "viola_tiny-f0"})
     assert result.steps == 10 and validations == [5, 10] and [s for s, _ in logged] == [5, 10]
     assert {"train/loss", "train/lr", "train/sec_per_step"} <= set(logged[0][1])
-    assert 0.0 <= result.best_dice <= 1.0 and result.best_step in (5, 10)
+    val = {h["step"]: h["val/dice"] for h in result.history if "val/dice" in h}
+    assert list(val) == [5, 10] and result.best_dice == max(val.values())  # best.pt is the best validation
+    assert val[result.best_step] == result.best_dice
     model, meta = load_member(result.best_checkpoint)
     assert meta.name == "viola_tiny-f0" and meta.patch_size == (32, 32, 8) and meta.val_dice == result.best_dice
     image = torch.as_tensor(load_preprocessed(cases[3]).image)

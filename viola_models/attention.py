@@ -1,4 +1,5 @@
-"""The viola attention module (paper section 2.1, Fig. 3; behaviour as in docs/viola-unet-spec.md).
+"""The viola attention module (paper section 2.1, Fig. 3; behaviour as in the authors' published
+code, checked against their tiny reference model in ``tests/test_networks.py``).
 
 For a feature volume ``x`` of shape (B, C, H, W, D) the module
 

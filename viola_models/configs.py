@@ -1,9 +1,9 @@
 """Named network configurations and ``build_model``.
 
 ``viola_l`` is the paper's Listing 1.1, ``viola_s`` and ``nnunet_r`` its Table 1 (exact widths,
-kernels and strides in docs/viola-unet-spec.md). The ``*_small`` variants keep the depth-5 layout of
-the authors' tiny reference model at widths a 2-core CPU trains in minutes (demo profile); the
-``*_tiny`` variants are the same layout at the smallest widths, for tests.
+kernels and strides as in the authors' published code and checkpoints). The ``*_small`` variants
+keep the depth-5 layout of the authors' tiny reference model at widths a 2-core CPU trains in
+minutes (demo profile); the ``*_tiny`` variants are the same layout at the smallest widths, for tests.
 
 Every configuration is plain data (a dict of constructor arguments); ``build_model`` copies it, applies
 overrides, and instantiates the class named by ``arch``.
