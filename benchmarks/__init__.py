@@ -1,0 +1,1 @@
+"""Scripts that print speed, memory and learning numbers; see the README."""
