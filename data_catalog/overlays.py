@@ -95,9 +95,9 @@ def overlay_png(
 
 def calibration_png(points: pd.DataFrame, calibration: Calibration, out_path: Path,
                     unlabelled: pd.DataFrame | None = None, threshold: float | None = None) -> Path:
-    """Write a PNG of the calibration: the out-of-fold points (score vs true Dice, the perturbed
-    views lighter), the fitted curve, the rule's target, and, when given, the unlabelled scans'
-    scores against their hidden true Dice (phantoms)."""
+    """Write a PNG of the calibration: the out-of-fold points (score vs true Dice), the fitted
+    curve, the rule's target, and, when given, the unlabelled scans' scores against their hidden
+    true Dice (phantoms)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -106,12 +106,7 @@ def calibration_png(points: pd.DataFrame, calibration: Calibration, out_path: Pa
     score = calibration.score
     fig, ax = plt.subplots(figsize=(5, 4.2))
     pts = points[points[score].notna()] if score in points else points.iloc[:0]
-    views = pts["view"] if "view" in pts else pd.Series(0, index=pts.index)
-    ax.scatter(pts.loc[views == 0, score], pts.loc[views == 0, "true_dice"], s=30, color="#1f5fbf",
-               label="out-of-fold scans")
-    if (views > 0).any():
-        ax.scatter(pts.loc[views > 0, score], pts.loc[views > 0, "true_dice"], s=14, color="#1f5fbf", alpha=0.35,
-                   label="perturbed copies")
+    ax.scatter(pts[score], pts["true_dice"], s=30, color="#1f5fbf", label="out-of-fold scans")
     if unlabelled is not None and score in unlabelled and "true_dice" in unlabelled:
         ax.scatter(unlabelled[score], unlabelled["true_dice"], s=22, marker="x", color="#d0452f",
                    label="unlabelled (hidden truth)")

@@ -58,11 +58,9 @@ class MembersSettings(BaseModel):
 
 class CalibrationSettings(BaseModel):
     """How the selection rule's score is calibrated: each fold's members predict their own
-    validation scans (out of fold), plus ``views`` perturbed copies of each (see
-    ``viola_models.quality``); more views help when the labelled scans are few."""
+    validation scans (out of fold, see ``viola_models.quality``) at this sliding-window overlap."""
 
     model_config = ConfigDict(extra="forbid")
-    views: int = Field(0, ge=0, le=16)
     overlap: float = Field(0.5, ge=0, lt=1)
 
 

@@ -115,8 +115,8 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
 
     calib = {"calibration": None, "points": ""}
     if arm == "self-training":  # only this arm's ensemble teaches the next round
-        calib = calibrate(groups, settings.pseudo.rule, settings.pseudo.calibration.views,
-                          settings.pseudo.calibration.overlap, rdir, tracking_uri, run_id, r, device=device)
+        calib = calibrate(groups, settings.pseudo.rule, settings.pseudo.calibration.overlap, rdir, tracking_uri,
+                          run_id, r, device=device)
     ens_dir = assemble_ensemble(rdir / "ensemble", members, settings.preprocess, calib["calibration"],
                                 calib["points"], round=r, arm=arm, profile=settings.name,
                                 patch_size=list(settings.train_settings(r, settings.members.architectures[0],

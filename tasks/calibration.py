@@ -20,14 +20,14 @@ log = logging.getLogger(__name__)
 
 
 @task(name="calibrate")
-def calibrate(groups: list[tuple[str, list[str], list[str]]], rule: SelectionRule, views: int, overlap: float,
+def calibrate(groups: list[tuple[str, list[str], list[str]]], rule: SelectionRule, overlap: float,
               out_dir: Path, tracking_uri: str, run_id: str, round_: int, device: str = "cpu") -> dict:
     """Score the out-of-fold ensembles (``groups``: fold name, its members' checkpoints, its
     validation cases), fit the calibration of ``rule.score``, log points (CSV), curve (PNG) and
     rank correlations to the round's run. Returns {"calibration": dict, "points": CSV path}."""
     out_dir = Path(out_dir)
     points = out_of_fold_scores([(f, [Path(p) for p in c], [Path(p) for p in v]) for f, c, v in groups],
-                                device=device, overlap=overlap, views=views, seed=round_)
+                                device=device, overlap=overlap)
     csv = out_dir / "calibration.csv"
     if not len(points):
         log.warning("no out-of-fold validation scans: the selection score stays uncalibrated")
@@ -38,7 +38,7 @@ def calibrate(groups: list[tuple[str, list[str], list[str]]], rule: SelectionRul
     client = tracking.client_for(tracking_uri)
     client.log_artifact(run_id, str(csv), "calibration")
     client.log_artifact(run_id, str(png), "calibration")
-    metrics = {"calibration/n_points": cal.n_points, "calibration/n_scans": int((points["view"] == 0).sum())}
+    metrics = {"calibration/n_points": cal.n_points}
     for name in SCORE_NAMES:
         other = fit_calibration(points[name], points["true_dice"], name, rule.calibration_prior_weight)
         if not math.isnan(other.spearman):

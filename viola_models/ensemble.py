@@ -74,6 +74,8 @@ class Ensemble:
         pts = self.calibration_points
         if pts is None or score not in pts or "true_dice" not in pts:
             return Calibration(score=score, kind="identity")
+        if "view" in pts:  # folders written with perturbed copies of the scans: the scans alone count
+            pts = pts[pts["view"] == 0]
         return fit_calibration(pts[score], pts["true_dice"], score, prior_weight=prior_weight)
 
 
