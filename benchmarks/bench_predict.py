@@ -29,7 +29,8 @@ from data_catalog.phantoms import generate_phantom
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import save_nifti_like
 from viola_models.configs import build_model, model_config
-from viola_models.segment import load_ensemble, segment_scan, write_manifest
+from viola_models.ensemble import load_ensemble, write_ensemble
+from viola_models.segment import segment_scan
 
 
 def make_ensemble(folder: Path, n: int) -> Path:
@@ -43,8 +44,8 @@ def make_ensemble(folder: Path, n: int) -> Path:
         torch.save({"model_name": arch, "model_config": json.dumps(model_config(arch)),
                     "state_dict": model.state_dict(), "patch_size": [160, 160, 16], "member": name},
                    folder / name / "best.pt")
-        members.append({"name": name, "checkpoint": f"{name}/best.pt"})
-    write_manifest(folder, members, PreprocessSettings())
+        members.append({"name": name, "checkpoint": folder / name / "best.pt"})
+    write_ensemble(folder, members, PreprocessSettings())
     return folder
 
 

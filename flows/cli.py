@@ -192,7 +192,7 @@ def predict(
 
     from flows.profiles import ProfileError, load_profile
     from viola_models.ensemble import load_ensemble
-    from viola_models.inference import resolve_device
+    from viola_models.predictors import resolve_device
     from viola_models.segment import predict_folder
 
     try:

@@ -37,7 +37,7 @@ from tasks.rounds import (
     recover_crashed,
 )
 from tasks.training import train_member
-from viola_models.inference import resolve_device
+from viola_models.predictors import resolve_device
 
 __all__ = ["run_arm", "self_training"]
 

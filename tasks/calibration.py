@@ -13,8 +13,7 @@ from data_catalog.overlays import calibration_png
 from data_catalog.scans import atomic_write
 from data_catalog.selection import SelectionRule, fit_calibration
 from tasks import tracking
-from viola_models.predict import SCORE_NAMES
-from viola_models.quality import out_of_fold_scores
+from viola_models.quality import SCORE_NAMES, out_of_fold_scores
 
 log = logging.getLogger(__name__)
 

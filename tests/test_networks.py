@@ -275,7 +275,7 @@ def test_reproduces_the_authors_output_on_cuda(reference, precision):
 
 @pytest.mark.parametrize("name", ["viola_tiny", "nnunet_tiny", "viola_small"])
 def test_folded_batch_norm_gives_the_same_output(name):
-    from viola_models.inference import fold_batch_norm
+    from viola_models.predictors import fold_batch_norm
 
     torch.manual_seed(0)
     model = build_model(name)
@@ -295,7 +295,7 @@ def test_folded_batch_norm_gives_the_same_output(name):
 
 @pytest.mark.gpu
 def test_cuda_graph_predictor_matches_eager(reference):
-    from viola_models.inference import as_predictor
+    from viola_models.predictors import as_predictor
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

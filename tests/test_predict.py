@@ -17,7 +17,7 @@ from tests.conftest import PRE
 from tests.helpers import head_volume, write_nifti
 from viola_models import segment
 from viola_models.ensemble import load_ensemble
-from viola_models.predict import EnsembleOutput
+from viola_models.sliding_window import EnsembleOutput
 
 
 @pytest.fixture()

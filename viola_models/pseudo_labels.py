@@ -20,8 +20,7 @@ from scipy.stats import spearmanr
 
 from data_catalog.scans import ScanError, atomic_write, file_sha256, save_nifti_like
 from viola_models.ensemble import Ensemble
-from viola_models.predict import SCORE_NAMES
-from viola_models.quality import dice
+from viola_models.quality import SCORE_NAMES, dice
 from viola_models.segment import segment_scan
 
 __all__ = ["label_scans", "truth_report", "with_true_dice"]
@@ -46,7 +45,7 @@ def label_scans(
     teacher (``teacher_id``) from the same content is read back, not predicted again.
     ``ensemble`` may be a function that loads it, called only if some scan needs predicting.
     Row: scan_id, image, image_hash, mask_path, mask_hash, teacher_id, members, the confidence
-    scores (``viola_models.predict.confidence_scores``), volume_ml (native grid), seconds, error.
+    scores (``viola_models.quality.confidence_scores``), volume_ml (native grid), seconds, error.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

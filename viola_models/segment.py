@@ -3,7 +3,7 @@
 
 File -> validated HU volume -> preprocessing (the training settings, from the ensemble manifest) ->
 sliding-window ensemble -> mean foreground probability inverted onto the scan's own grid ->
-uint8 mask (probability >= 0.5) with volumes and confidence scores.
+uint8 mask (probability >= FOREGROUND_THRESHOLD) with volumes and confidence scores.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from data_catalog.preprocessing import (
 from data_catalog.scans import ScanInfo, read_image, scan_info
 from viola_models.ensemble import Ensemble
 from viola_models.metrics import abc2_volume_ml
-from viola_models.predict import confidence_scores, predict_ensemble
+from viola_models.quality import confidence_scores
+from viola_models.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
 
 __all__ = ["ScanSegmentation", "predict_folder", "segment_scan"]
 
@@ -42,7 +43,7 @@ class ScanSegmentation:
 
     mask: np.ndarray  # uint8 (X, Y, Z), the scan's shape
     info: ScanInfo
-    scores: dict  # viola_models.predict.confidence_scores (preprocessed grid) and predicted_dice
+    scores: dict  # viola_models.quality.confidence_scores (preprocessed grid) and predicted_dice
     volume_ml: float
     abc2_volume_ml: float
     n_lesions: int
@@ -99,7 +100,7 @@ def segment_scan(
     scores = confidence_scores(out.member_probs, voxel_ml)
     scores["predicted_dice"] = ensemble.predicted_dice(scores)
     prob = invert_to_native(out.mean_prob[None], case.affine, case.native_affine, case.native_shape)
-    mask = (prob[0] >= 0.5).to(torch.uint8).cpu().numpy()
+    mask = (prob[0] >= FOREGROUND_THRESHOLD).to(torch.uint8).cpu().numpy()
     t_inv = time.perf_counter()
     vox_native = float(np.prod(info.spacing)) / 1000.0
     n, sizes = _components(mask)

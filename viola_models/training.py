@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from data_catalog.preprocessing import load_preprocessed
 from data_catalog.scans import atomic_write
 from viola_models.configs import build_from_config, count_parameters, model_config
-from viola_models.predict import sliding_window_probability
+from viola_models.sliding_window import FOREGROUND_THRESHOLD, sliding_window_probability
 
 __all__ = [
     "AugmentSettings",
@@ -286,7 +286,7 @@ def validate(model: torch.nn.Module, val_items: Sequence[Path], settings: TrainS
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             prob = sliding_window_probability(model, image, settings.patch_size, settings.val_overlap,
                                               device=device).cpu()
-        pred = prob >= 0.5
+        pred = prob >= FOREGROUND_THRESHOLD
         denom = int(pred.sum() + label.sum())
         scores.append(1.0 if denom == 0 else 2.0 * float((pred & label).sum()) / denom)
     model.train(was_training)
@@ -361,7 +361,7 @@ def fit(
     """Train one network; idempotent and resumable in ``out_dir``.
 
     Writes ``last.pt`` (everything needed to resume) every ``val_every`` steps, ``best.pt`` (a
-    member checkpoint: configuration + weights, see ``viola_models.predict.load_member``) whenever
+    member checkpoint: configuration + weights, see ``viola_models.ensemble.load_member``) whenever
     the validation Dice improves, and ``result.json`` when done; a finished ``out_dir`` with the
     same :func:`fit_digest` returns its result without training, and a killed one resumes exactly
     where ``last.pt`` left it (batches and augmentations are a function of the step). ``init_weights``

@@ -1,4 +1,5 @@
-"""Fast evaluation of trained networks: batch-norm folding and CUDA-graph replay.
+"""Predictors: evaluation-mode callables of trained networks, made fast (batch-norm folding,
+CUDA-graph replay, autocast), and the device they run on.
 
 Both are exact rewrites of evaluation-mode arithmetic (up to float rounding) and are used by the
 sliding-window predictor: its windows all have the training patch size, so one captured graph per
