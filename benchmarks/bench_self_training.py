@@ -134,6 +134,11 @@ def report(out: Path) -> str:
     per_seed = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted(out.glob("seed_*.json"))}
     if not per_seed:
         return f"no results in {out}"
+    for seed, results in per_seed.items():  # round 0 finished by an earlier call: from its state
+        state = out / f"seed_{seed}" / "data" / "viola_work" / "rounds" / "round_000" / "state.json"
+        if "round0" not in results and state.exists():
+            test = json.loads(state.read_text()).get("test", {})
+            results["round0"] = {"dsc": test.get("test/dsc"), "nsd": test.get("test/nsd"), "seconds": None}
     arms = [("round0", "round 0 (labelled only)"), ("round1-control", "control 1 (labelled only, equal compute)"),
             ("round1", "self-training round 1"), ("round1-oracle", "oracle 1 (true labels)"),
             ("round2-control", "control 2"), ("round2", "self-training round 2"),
@@ -149,9 +154,10 @@ def report(out: Path) -> str:
     for key, label in arms:
         rows = [per_seed[s][key] for s in seeds if key in per_seed[s]]
         if rows:
-            mins = [r["seconds"] / 60 for r in rows if r.get("seconds")]
+            mins = [r["seconds"] / 60 for r in rows if r.get("seconds")]  # wall time: the machine was shared
             lines.append(f"{label:<44}{len(rows):>3}  {_ms([r['dsc'] for r in rows]):>22}  "
-                         f"{_ms([r['nsd'] for r in rows]):>22}  {statistics.mean(mins) if mins else 0:>8.1f}")
+                         f"{_ms([r['nsd'] for r in rows]):>22}  "
+                         f"{f'{statistics.mean(mins):.1f}' if mins else '-':>8}")
 
     def diff(a: str, b: str, metric: str = "dsc") -> list[float]:
         return [per_seed[s][a][metric] - per_seed[s][b][metric] for s in seeds if a in per_seed[s] and b in per_seed[s]]
