@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.selection import SelectionRule
+from tasks.compute import ComputeSettings
 from viola_models.training import TrainSettings
 
 __all__ = ["PipelineSettings", "ProfileError", "load_profile", "parse_overrides", "profile_names"]
@@ -134,6 +135,7 @@ class PipelineSettings(BaseModel):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
     device: str = "auto"  # auto: CUDA when present
 
     @model_validator(mode="after")
@@ -170,7 +172,7 @@ class PipelineSettings(BaseModel):
 
     def digest(self) -> str:
         """A hash of everything that decides a round's result (not where it runs or when)."""
-        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name", "tracking"})
+        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name", "tracking", "compute"})
         data["data"].pop("root", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

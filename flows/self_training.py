@@ -17,10 +17,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.states import Completed
 
-from data_catalog.catalog import fold_items
 from flows.profiles import PipelineSettings, load_profile
 from tasks import tracking
 from tasks.calibration import calibrate
+from tasks.compute import ComputeSettings, check_cluster, member_options, task_runner
 from tasks.data import oracle_pairs, prepare_data, preprocess_catalog, preprocess_pairs
 from tasks.evaluation import evaluate_round
 from tasks.models import assemble_ensemble
@@ -36,10 +36,11 @@ from tasks.rounds import (
     plan_round,
     recover_crashed,
 )
-from tasks.training import train_member
+from tasks.tracking import shared_tracking
+from tasks.training import fold_groups, plan_members, train_member, worth_retrying
 from viola_models.predictors import resolve_device
 
-__all__ = ["run_arm", "self_training"]
+__all__ = ["run_arm", "self_training", "train_members"]
 
 
 def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float) -> str:
@@ -90,28 +91,10 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
         pseudo = preprocess_pairs(oracle_pairs(root), cache, settings.preprocess)
 
     labelled = {s: c["cache"] for s, c in by_role["labelled"].items()}
-    fold_ids = settings.members.folds if settings.members.folds is not None else range(settings.data.n_folds)
-    members, groups = [], []
-    for fold in fold_ids:
-        items = fold_items(labelled, data["folds"], fold, pseudo)
-        fold_members = []
-        for arch in settings.members.architectures:
-            name = f"{arch}-fold{fold}"
-            init = None
-            if r > 0 and settings.student.init == "teacher":
-                teacher = Path(plan.init_ensemble_dir) / name / "best.pt"
-                init = str(teacher) if teacher.exists() else None
-                if init is None:
-                    logger.warning("%s has no counterpart in %s: trained from scratch", name, plan.init_ensemble_dir)
-            spec = {"name": name, "fold": fold, "train": items["train"], "val": items["val"],
-                    "labelled": items["labelled"], "init": init,
-                    "weights": None if all(w == 1.0 for w in items["weights"]) else items["weights"]}
-            fold_members.append(train_member(spec, settings.train_settings(r, arch, fold), rdir / "members" / name,
-                                             tracking_uri, plan.state["experiment_id"], run_id, r,
-                                             final_settings=settings.labelled_only_settings(r, arch, fold),
-                                             device=device))
-        members += fold_members
-        groups.append((f"fold{fold}", [m["checkpoint"] for m in fold_members], items["val"]))
+    jobs = plan_members(settings, r, labelled, data["folds"], pseudo, plan.init_ensemble_dir, rdir)
+    runner = train_members.with_options(task_runner=task_runner(settings.compute, tracking_uri))
+    members = runner(jobs, settings.compute, tracking_uri, plan.state["experiment_id"], run_id, r, settings.device)
+    groups = fold_groups(jobs, members)
 
     calib = {"calibration": None, "points": ""}
     if arm == "self-training":  # only this arm's ensemble teaches the next round
@@ -141,6 +124,19 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                                                   "n_pseudo_labels": len(pseudo)}, pseudo)
     return {"round": r, "arm": arm, "run_id": run_id, "members": members, "test": test,
             "n_pseudo_selected": len(pseudo), "registered": reg, "seconds": seconds, "summary": table}
+
+
+@flow(name="train-members")
+def train_members(jobs: list[dict], compute: ComputeSettings, tracking_uri: str, experiment_id: str,
+                  parent_run_id: str, round_: int, device: str) -> list[dict]:
+    """Every member of a round, submitted at once to this flow's task runner (``[compute]``): one
+    after another here, or side by side on Ray; the members' results in the order of ``jobs``."""
+    check_cluster(compute)
+    train = train_member.with_options(retries=compute.retries, retry_condition_fn=worth_retrying)
+    with shared_tracking(tracking_uri, compute.runner == "ray") as uri, member_options(compute):
+        futures = [train.submit(**job, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                                round_=round_, device=device, threads=compute.torch_threads) for job in jobs]
+    return [f.result() for f in futures]
 
 
 @flow(name="self-training", log_prints=True)

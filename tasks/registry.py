@@ -35,8 +35,7 @@ def _dsc(tags: dict) -> float:
 def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evaluate: dict, device: str,
              test_set_hash: str) -> float:
     """Score the champion's ensemble on the current test set and record it on its version."""
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{champion.version}",
-                                                      tracking_uri=client.tracking_uri))
+    folder = tracking.download_ensemble(f"models:/{model_name}/{champion.version}", client.tracking_uri)
     # the champion may preprocess otherwise than this round: its cases are looked up by its own settings
     plain = {k: {f: v for f, v in scan.items() if f != "cache"} for k, scan in scans.items()}
     _, means = evaluate_scans(load_ensemble(folder, device=device), plain, cache_dir=cache, **evaluate)
@@ -52,12 +51,13 @@ def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evalua
 def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, run_id: str, round_: int,
                       test_dsc: float | None, test_set_hash: str, test_scans: dict, cache: Path,
                       evaluate: dict, device: str = "cpu") -> dict:
-    """Log the ensemble folder as the round run's ``ensemble`` artifact, register it, and decide the
-    champion. ``evaluate``: keyword settings of ``evaluate_scans`` (overlap, tta, nsd_tolerance_mm),
+    """Log the ensemble folder as the round run's ``ensemble`` artifact (its manifest and
+    calibration: each member's checkpoint is stored once, on the member's run), register it, and
+    decide the champion. ``evaluate``: keyword settings of ``evaluate_scans`` (overlap, tta, nsd_tolerance_mm),
     used when the champion must be scored again on ``test_scans``."""
     client = tracking.client_for(tracking_uri)
     if not client.list_artifacts(run_id, "ensemble"):
-        client.log_artifacts(run_id, str(ensemble_dir), "ensemble")
+        tracking.log_ensemble(client, run_id, Path(ensemble_dir))
     source = f"{client.get_run(run_id).info.artifact_uri}/ensemble"
     try:
         client.get_registered_model(model_name)

@@ -115,6 +115,7 @@ def recover_crashed(work_dir: Path, tracking_uri: str) -> list[str]:
     its Prefect flow run is set Crashed, its MLflow run and unfinished member runs FAILED (a resume
     sets them running again). Returns the arms it found."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.states import Crashed
 
     found = []
@@ -128,10 +129,14 @@ def recover_crashed(work_dir: Path, tracking_uri: str) -> list[str]:
         if dead_flow and dead_flow != (flow_run.get_id() or ""):
             try:
                 with get_client(sync_client=True) as prefect:
-                    if prefect.read_flow_run(dead_flow).state.is_running():
-                        prefect.set_flow_run_state(dead_flow, Crashed(
-                            message=f"the process running it died; found by flow run {flow_run.get_id()}"),
-                            force=True)
+                    # the flow run and its subflows (the members' fan-out) died with the process
+                    children = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[dead_flow])))
+                    for run_id_ in [dead_flow, *(c.id for c in children)]:
+                        if prefect.read_flow_run(run_id_).state.is_running():
+                            prefect.set_flow_run_state(run_id_, Crashed(
+                                message=f"the process running it died; found by flow run {flow_run.get_id()}"),
+                                force=True)
             except Exception as e:  # another Prefect API than the one that ran it: nothing to mark there
                 log.info("flow run %s of %s not marked crashed (%s)", dead_flow, state_file.parent.name,
                          type(e).__name__)

@@ -6,14 +6,18 @@ call here names its run. Child runs carry ``mlflow.parentRunId`` (the MLflow UI 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import logging
 import os
+import signal
 import subprocess
+import sys
 import time
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +33,16 @@ __all__ = [
     "code_version",
     "create_run",
     "default_tracking_uri",
+    "download_ensemble",
     "experiment_id",
+    "log_ensemble",
     "log_metrics",
     "log_params",
     "log_table",
+    "mlflow_server",
     "resolve_ensemble_dir",
     "run_exists",
+    "shared_tracking",
     "with_retries",
 ]
 
@@ -138,6 +146,79 @@ def client_for(uri: str) -> MlflowClient:
     return _RetryingClient(MlflowClient(tracking_uri=uri, registry_uri=uri), uri)  # type: ignore[return-value]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, log_dir: Path, artifact_root: str | None = None,
+                  artifacts_destination: str | None = None) -> Iterator[str]:
+    """An ``mlflow server`` on 127.0.0.1 (a free port) over ``backend_uri`` (SQLite, PostgreSQL)
+    for the duration of the block, stopped by its PID (and its web workers, a process group started
+    here). ``artifact_root``: where new experiments' artifacts go, written by the clients
+    themselves; ``artifacts_destination``: artifacts uploaded through the server instead. Yields
+    its ``http://`` URI; a server that does not answer within two minutes is a TrackingUnavailable
+    naming its log."""
+    port = _free_port()
+    log_file = Path(log_dir) / f"mlflow-server-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    if artifact_root:
+        cmd += ["--default-artifact-root", artifact_root, "--no-serve-artifacts"]
+    if artifacts_destination:
+        cmd += ["--artifacts-destination", artifacts_destination]
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    served = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{served}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise TrackingUnavailable(f"mlflow server over {backend_uri} did not start ({tail[0][:200]}); "
+                                          f"see {log_file}")
+            time.sleep(0.5)
+        log.info("mlflow server over %s at %s (pid %d)", backend_uri, served, proc.pid)
+        yield served
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.returncode in (0, -signal.SIGTERM, -signal.SIGKILL):
+            log_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def shared_tracking(uri: str, other_processes: bool) -> Iterator[str]:
+    """The tracking URI to give workers in other processes. An ``http(s)://`` server (or a store
+    used by this process alone) is passed on as it is; a SQLite store is served for the duration of
+    the block by an ``mlflow server`` on 127.0.0.1, so that only that server writes the file
+    (several processes writing one SQLite file is what breaks stores). Artifacts still go to the
+    store's folder (``mlruns/``), which the workers must see."""
+    path = sqlite_path(uri)
+    if not other_processes or path is None:
+        yield uri
+        return
+    client_for(uri)  # created and migrated here, once
+    with mlflow_server(uri, path.parent, artifact_root=_artifact_root(uri) or str(path.parent)) as served:
+        yield served
+
+
 def _artifact_root(uri: str) -> str | None:
     """Artifacts beside a local SQLite store (``mlruns/``); None lets the server decide."""
     if uri.startswith("sqlite:///"):
@@ -231,6 +312,56 @@ def code_version() -> str:
     return f"{ver}+g{commit}{'-dirty' if dirty else ''}" if commit else ver
 
 
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"  # where a member run keeps its checkpoint
+
+
+def log_ensemble(client: MlflowClient, run_id: str, folder: Path) -> None:
+    """Log an ensemble folder as ``run_id``'s ``ensemble`` artifact without the member checkpoints
+    that its manifest ties to member runs (each is already that run's ``checkpoint/best.pt``):
+    a paper round's ten checkpoints are stored once, not twice."""
+    from viola_models.ensemble import read_manifest
+
+    manifest = read_manifest(folder)
+    on_runs = {m["checkpoint"] for m in manifest["members"] if m.get("run_id")}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if rel.as_posix() not in on_runs:
+            client.log_artifact(run_id, str(path), str(Path("ensemble") / rel.parent).rstrip("/."))
+
+
+def download_ensemble(model_uri: str, tracking_uri: str, dst: Path | None = None) -> Path:
+    """An ensemble folder from MLflow (``models:/NAME@champion``, ``runs:/ID/ensemble``): the
+    manifest and calibration of the version, and each member's checkpoint from its member run."""
+    from viola_models.ensemble import MANIFEST
+
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
+                                                      dst_path=str(dst) if dst else None))
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
+    for member in manifest.get("members", []) if isinstance(manifest, dict) else []:
+        rel, run_id = member.get("checkpoint"), member.get("run_id")
+        if not (isinstance(rel, str) and run_id) or (folder / rel).exists() or ".." in Path(rel).parts:
+            continue  # older versions stored the checkpoints with the manifest; bad entries fail at load
+        with tempfile_dir(folder) as tmp:
+            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
+                                                           tracking_uri=tracking_uri, dst_path=str(tmp)))
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, folder / rel)
+    return folder
+
+
+@contextlib.contextmanager
+def tempfile_dir(beside: Path) -> Iterator[Path]:
+    """A temporary folder inside ``beside`` (same filesystem: its files move in with a rename)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=beside))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def resolve_ensemble_dir(model_uri: str | None = None, round_: int | None = None, checkpoints: Path | None = None,
                          work_dir: Path | None = None, registered_model: str | None = None,
                          tracking_uri: str | None = None, download_to: Path | None = None) -> Path:
@@ -259,8 +390,7 @@ def resolve_ensemble_dir(model_uri: str | None = None, round_: int | None = None
                                 "first, give --tracking-uri, or give --checkpoints or --round)")
     client_for(uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri,
-                                                        dst_path=str(download_to) if download_to else None))
+        return download_ensemble(model_uri, uri, download_to)
     except mlflow.exceptions.MlflowException as e:
         first = str(e).splitlines()[0]
         raise FileNotFoundError(f"cannot load {model_uri} from {uri}: {first} (run `viola run` first, or give "

@@ -1,8 +1,13 @@
-"""Training task: one ensemble member (architecture x fold), tracked as an MLflow child run."""
+"""Training task: one ensemble member (architecture x fold), tracked as an MLflow child run.
+
+A member may run in another process or on another machine (``tasks.compute``): it receives paths
+and settings, never arrays or models, and resolves its device where it runs.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 from prefect import task
@@ -12,6 +17,58 @@ from tasks import tracking
 from viola_models.training import TrainCallbacks, TrainSettings, fit, fit_digest
 
 log = logging.getLogger(__name__)
+
+__all__ = ["WorkerCannotSeeData", "fold_groups", "plan_members", "train_member", "worth_retrying"]
+
+
+class WorkerCannotSeeData(FileNotFoundError):
+    """A worker that cannot read a member's inputs: the data root is not shared with it."""
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry condition of a member: everything but inputs the worker cannot see (running
+    it again on the same worker changes nothing)."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the result itself is gone: a crash, worth another try
+        return True
+    return not isinstance(error, WorkerCannotSeeData)
+
+
+def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, pseudo: list[dict],
+                 init_ensemble_dir: str | None, round_dir: Path) -> list[dict]:
+    """Every member of a round (architecture x fold of ``settings``, a ``PipelineSettings``) as the
+    keyword arguments of :func:`train_member` that depend on the member; the fold's items come
+    from ``data_catalog.catalog.fold_items`` (labelled scans of the other folds + ``pseudo``)."""
+    from data_catalog.catalog import fold_items
+
+    fold_ids = settings.members.folds if settings.members.folds is not None else range(settings.data.n_folds)
+    jobs = []
+    for fold in fold_ids:
+        items = fold_items(labelled, folds, fold, pseudo)
+        for arch in settings.members.architectures:
+            name = f"{arch}-fold{fold}"
+            init = None
+            if round_ > 0 and settings.student.init == "teacher":
+                teacher = Path(init_ensemble_dir) / name / "best.pt"
+                init = str(teacher) if teacher.exists() else None
+                if init is None:
+                    log.warning("%s has no counterpart in %s: trained from scratch", name, init_ensemble_dir)
+            spec = {"name": name, "fold": fold, "train": items["train"], "val": items["val"],
+                    "labelled": items["labelled"], "init": init,
+                    "weights": None if all(w == 1.0 for w in items["weights"]) else items["weights"]}
+            jobs.append({"spec": spec, "settings": settings.train_settings(round_, arch, fold),
+                         "out_dir": Path(round_dir) / "members" / name,
+                         "final_settings": settings.labelled_only_settings(round_, arch, fold)})
+    return jobs
+
+
+def fold_groups(jobs: list[dict], members: list[dict]) -> list[tuple[str, list[str], list[str]]]:
+    """(fold name, its members' checkpoints, its validation items) per fold, in the order of ``jobs``:
+    what the calibration needs to score each fold's members on their own out-of-fold scans."""
+    folds = dict.fromkeys(job["spec"]["fold"] for job in jobs)
+    return [(f"fold{fold}", [m["checkpoint"] for m in members if m["fold"] == fold],
+             next(job["spec"]["val"] for job in jobs if job["spec"]["fold"] == fold)) for fold in folds]
 
 
 def _member_run(client, experiment_id: str, parent_run_id: str, out_dir: Path, name: str, tags: dict,
@@ -44,18 +101,33 @@ def train_member(
     round_: int,
     final_settings: TrainSettings | None = None,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> dict:
     """Train (or resume, or reuse) one member in ``out_dir`` and mirror it in an MLflow child run.
 
     ``spec``: name, fold, train (cached cases), weights (their loss weights), val, labelled (the
     training cases that are not pseudo-labels), init (a member checkpoint to fine-tune, or None).
     ``final_settings``: a last fine-tune on ``labelled`` alone, in ``out_dir/labelled_only``.
+    ``device`` is resolved here (``auto``: the GPU Ray gave this worker, if any); ``threads``: torch's
+    intra-op threads in this process.
     """
+    import torch
+
+    from viola_models.predictors import resolve_device
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     train, val = [Path(p) for p in spec["train"]], [Path(p) for p in spec["val"]]
     weights = spec.get("weights")
     init = Path(spec["init"]) if spec.get("init") else None
+    for path in [*train, *val, *([init] if init else [])]:
+        if not path.exists():
+            raise WorkerCannotSeeData(f"{spec['name']} on {socket.gethostname()}: cannot read {path}; every worker "
+                                      "must see the data root and its work folder by the same path (a shared "
+                                      "filesystem)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    device = str(resolve_device(device))
     digest = fit_digest(train, val, settings, init, weights)
     if final_settings is not None:
         digest += f"+{final_settings.model_dump_json()}"

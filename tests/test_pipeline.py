@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from data_catalog import catalog
+from tasks import tracking
+from viola_models.ensemble import load_ensemble
 
 pytestmark = pytest.mark.slow
 
@@ -133,9 +135,18 @@ def test_two_rounds_end_to_end(tmp_path):
     champion = client.get_model_version_by_alias("viola-ich-tiny", "champion")
     dsc = {str(v.version): float(v.tags["test_dsc"]) for v in versions}
     assert str(champion.version) == ("2" if dsc["2"] >= dsc["1"] else "1")
-    ens = Path(mlflow.artifacts.download_artifacts("models:/viola-ich-tiny@champion", tracking_uri=uri))
+    # each member checkpoint is stored once, on its member run; the version holds the manifest
+    stored = mlflow.artifacts.download_artifacts("models:/viola-ich-tiny@champion", tracking_uri=uri,
+                                                 dst_path=str(tmp_path / "raw"))
+    assert not list(Path(stored).rglob("*.pt"))
+    ens = tracking.download_ensemble("models:/viola-ich-tiny@champion", uri, tmp_path / "champion")
     manifest = json.loads((ens / "ensemble.json").read_text())
-    assert len(manifest["members"]) == 2 and all((ens / m["checkpoint"]).exists() for m in manifest["members"])
+    assert len(manifest["members"]) == 2
+    for m in manifest["members"]:
+        on_run = mlflow.artifacts.download_artifacts(run_id=m["run_id"], artifact_path="checkpoint/best.pt",
+                                                     tracking_uri=uri, dst_path=str(tmp_path / m["name"]))
+        assert (ens / m["checkpoint"]).read_bytes() == Path(on_run).read_bytes()
+    assert len(load_ensemble(ens).members) == 2
     assert manifest["preprocess"]["target_spacing"] == [3.6, 3.6, 10.0]
     assert manifest["calibration"]["score"] == "mean_max_probability"
     assert all(v.tags["test_set_hash"] == r0.tags["viola.test_set_hash"] for v in versions)

@@ -116,6 +116,8 @@ def test_kill_9_anywhere_then_the_same_command_completes_identically(reference, 
     states = {point: db.execute("select state_type from flow_run where id in (?, ?)",
                                 (flow, flow.replace("-", ""))).fetchone() for point, flow in killed_flows.items()}
     assert all(s is not None and s[0] == "CRASHED" for s in states.values()), states
+    # nor any of their subflows (the members' fan-out): nothing is left RUNNING
+    assert db.execute("select count(*) from flow_run where state_type = 'RUNNING'").fetchone()[0] == 0
 
 
 def test_two_runs_at_once_the_second_refuses_and_a_new_store_stays_sound(tmp_path):

@@ -1,0 +1,71 @@
+"""Services for the tests that need them, started on 127.0.0.1 in temporary folders and stopped by
+PID: a PostgreSQL server (the backend store of a multi-machine MLflow set-up)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server with an empty database ``mlflow``; yields its SQLAlchemy URL. PostgreSQL
+    refuses to run as root: there it runs as ``nobody`` in a folder of its own."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries are not installed")
+    pytest.importorskip("psycopg2")
+    folder = Path(tempfile.mkdtemp(prefix="viola-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        os.chmod(folder, 0o755)
+        os.chown(folder, 65534, 65534)
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    port = _free_port()
+    run = {"check": True, "capture_output": True, "timeout": 120, "cwd": folder}
+    proc = None
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(folder / "data"), "-U", "mlflow",
+                        "--auth=trust", "-E", "UTF8"], **run)
+        proc = subprocess.Popen([*as_user, str(bindir / "postgres"), "-D", str(folder / "data"), "-h", "127.0.0.1",
+                                 "-p", str(port), "-k", str(folder)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=folder)
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                             capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "PostgreSQL did not start"
+            time.sleep(0.3)
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], **run)
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # PostgreSQL's smart shutdown
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)

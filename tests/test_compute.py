@@ -1,0 +1,231 @@
+"""Where members train (``[compute]``): the settings' checks, the SQLite store served to workers,
+and a tiny round on a local Ray (two workers, one torch thread each) against the sequential runner:
+the same checkpoints and test metrics, also when a worker is killed in the middle of a member."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows.profiles import ProfileError, load_profile
+
+ROUND0 = Path("viola_work") / "rounds" / "round_000"
+
+
+@pytest.mark.parametrize(("compute", "message"), [
+    ({"runner": "slurm"}, "compute.runner: Input should be 'sequential' or 'ray'"),
+    ({"runner": "ray", "address": "10.0.0.1:6379"}, "expected empty (a local Ray), 'auto' or 'ray://HOST:PORT'"),
+    ({"address": "auto"}, "needs runner = 'ray'"),
+    ({"runner": "ray", "gpus_per_member": 1.5}, "above 1 it must be a whole number"),
+    ({"gpus_per_member": 0.25}, "gpus_per_member is a Ray setting"),
+    ({"runner": "ray", "cpus_per_member": 0}, "compute.cpus_per_member: Input should be greater than 0"),
+    ({"runner": "ray", "torch_threads": 0}, "compute.torch_threads: Input should be greater than or equal to 1"),
+    ({"workers": 2}, "compute.workers: Extra inputs are not permitted"),
+])
+def test_compute_settings_are_checked_when_the_profile_loads(compute, message):
+    with pytest.raises(ProfileError, match=re.escape(message)) as err:
+        load_profile("tiny", overrides={"compute": compute})
+    assert "\n" not in str(err.value)
+
+
+def test_compute_settings_that_hold():
+    s = load_profile("tiny", overrides={"compute": {"runner": "ray", "address": "ray://head.example:10001",
+                                                    "gpus_per_member": 0.25, "torch_threads": 2}})
+    assert (s.compute.runner, s.compute.gpus_per_member, s.compute.torch_threads) == ("ray", 0.25, 2)
+    assert load_profile("tiny").compute.runner == "sequential"
+    # where members run does not change what a round computes: the profile digest ignores it
+    assert s.digest() == load_profile("tiny").digest()
+
+
+def test_a_remote_cluster_needs_a_tracking_server():
+    pytest.importorskip("prefect_ray")
+    from tasks.compute import ClusterError, task_runner
+
+    s = load_profile("tiny", overrides={"compute": {"runner": "ray", "address": "ray://head.example:10001"}})
+    with pytest.raises(ClusterError, match=r"cannot write to sqlite:///x/mlflow\.db"):
+        task_runner(s.compute, "sqlite:///x/mlflow.db")
+
+
+def test_a_worker_that_cannot_see_the_data_says_which_path_and_is_not_retried(tmp_path):
+    from tasks.training import WorkerCannotSeeData, train_member, worth_retrying
+    from viola_models.training import TrainSettings
+
+    spec = {"name": "viola_tiny-fold0", "fold": 0, "train": [str(tmp_path / "gone.npz")], "val": [],
+            "labelled": [], "init": None}
+    with pytest.raises(WorkerCannotSeeData, match=r"viola_tiny-fold0 on .*: cannot read .*gone\.npz; every worker"):
+        train_member.fn(spec, TrainSettings(model="viola_tiny"), tmp_path / "m", "sqlite:///unused", "0", "", 0)
+    assert not (tmp_path / "m").exists()
+
+    class State:
+        def __init__(self, error):
+            self.error = error
+
+        def result(self, raise_on_failure=False):
+            return self.error
+
+    assert worth_retrying(None, None, State(WorkerCannotSeeData("x"))) is False
+    assert worth_retrying(None, None, State(RuntimeError("CUDA error"))) is True
+
+
+@pytest.mark.slow
+def test_a_sqlite_store_is_served_to_workers_and_the_server_stopped(tmp_path):
+    from tasks import tracking
+
+    (tmp_path / "mlruns").mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    with tracking.shared_tracking(uri, other_processes=False) as same:
+        assert same == uri
+    with tracking.shared_tracking(uri, other_processes=True) as served:
+        assert served.startswith("http://127.0.0.1:")
+        client = MlflowClient(served)
+        exp = tracking.experiment_id(tracking.client_for(uri), "e")
+        run = client.create_run(exp, run_name="from a worker")
+        (tmp_path / "a.txt").write_text("checkpoint")
+        client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"), "checkpoint")
+    # the same run, read from the file itself; its artifact beside the store; the server is gone
+    direct = MlflowClient(uri)
+    assert direct.get_run(run.info.run_id).info.run_name == "from a worker"
+    assert [a.path for a in direct.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/a.txt"]
+    with pytest.raises(OSError):
+        import urllib.request
+
+        urllib.request.urlopen(f"{served}/health", timeout=2)
+    assert not list((tmp_path / "mlruns").glob("mlflow-server-*.log"))
+
+
+# ------------------------------------------------------------------------------ a tiny round on Ray
+def _phantoms(root: Path) -> Path:
+    from data_catalog.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(root, labelled=4, unlabelled=3, test=2, seed=7, size="small")
+    return root
+
+
+def _round0(tmp: Path, runner: str, during=None) -> dict:
+    """Round 0 of the tiny profile with one torch thread per member; its checkpoints, test metrics
+    and member runs. ``during(root)`` runs in a thread beside the round."""
+    from flows.self_training import self_training
+
+    (tmp / "mlruns").mkdir(parents=True)
+    root, uri = _phantoms(tmp / "data"), f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    side = threading.Thread(target=during, args=(root,), daemon=True) if during else None
+    if side:
+        side.start()
+    threads = torch.get_num_threads()
+    try:
+        summaries = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri, overrides={
+            "compute": {"runner": runner, "torch_threads": 1, "cpus_per_member": 1}})
+    finally:
+        torch.set_num_threads(threads)
+    if side:
+        side.join(timeout=60)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("self-training-tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    weights = {p.parent.name: torch.load(p, weights_only=True)["model"]
+               for p in sorted((root / ROUND0 / "members").glob("*/best.pt"))}
+    test = json.loads((root / ROUND0 / "state.json").read_text())["test"]
+    return {"summary": summaries[0], "weights": weights, "test": {k: v for k, v in test.items() if k != "test/seconds"},
+            "members": sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs
+                              if r.data.tags.get("viola.kind") == "member")}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def sequential(prefect_api, tmp_path_factory) -> dict:
+    return _round0(tmp_path_factory.mktemp("sequential"), "sequential")
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys() and len(a["weights"]) == 2
+    for name in a["weights"]:
+        for key, tensor in a["weights"][name].items():
+            assert torch.equal(tensor, b["weights"][name][key]), (name, key)
+    assert a["test"] == b["test"]
+
+
+@pytest.mark.slow
+def test_a_round_on_ray_gives_what_the_sequential_runner_gives(sequential, prefect_api, tmp_path):
+    pytest.importorskip("prefect_ray")
+    on_ray = _round0(tmp_path, "ray")
+    _same(on_ray, sequential)
+    assert on_ray["members"] == sequential["members"] == [("nnunet_tiny-fold0", "FINISHED"),
+                                                          ("viola_tiny-fold0", "FINISHED")]
+
+
+def _ray_members() -> list[int]:
+    """The PIDs of Ray workers running a member now (their process title names the task)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::train-member"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_a_member_is_retried_and_resumes(sequential, prefect_api, tmp_path):
+    pytest.importorskip("prefect_ray")
+    killed: list[int] = []
+
+    def kill_one(root: Path) -> None:
+        members = root / ROUND0 / "members"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # the first checkpoint to resume from, before the member ends
+            started = [p.parent for p in members.glob("*/last.pt") if not (p.parent / "result.json").exists()]
+            workers = _ray_members()
+            if started and workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
+            time.sleep(0.01)
+
+    on_ray = _round0(tmp_path, "ray", during=kill_one)
+    assert killed, "no member was caught between its first checkpoint and its end"
+    _same(on_ray, sequential)  # resumed exactly
+    assert on_ray["members"] == sequential["members"]  # one run per member, finished: none duplicated
+
+
+# ------------------------------------------------------------------- MLflow for many machines
+@pytest.mark.slow
+def test_a_round_logs_to_a_tracking_server_over_http(prefect_api, tmp_path, monkeypatch):
+    """The multi-machine set-up: ``mlflow server`` over PostgreSQL, artifacts uploaded through the
+    server; the round logs over HTTP alone (no local store appears) and registers its ensemble."""
+    from flows.self_training import self_training
+    from tasks import tracking
+    from tests.servers import postgres
+    from viola_models.ensemble import load_ensemble
+
+    monkeypatch.chdir(tmp_path)
+    root = _phantoms(tmp_path / "data")
+    with postgres() as backend, tracking.mlflow_server(backend, tmp_path, artifacts_destination=str(
+            tmp_path / "artifacts")) as uri:
+        summary = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)[0]
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("self-training-tiny").experiment_id])
+        assert sorted((r.data.tags["viola.kind"], r.info.status) for r in runs) == [
+            ("member", "FINISHED"), ("member", "FINISHED"), ("round", "FINISHED")]
+        assert client.get_run(summary["run_id"]).data.metrics["test/dsc"] == summary["test"]["test/dsc"]
+        ens = tracking.download_ensemble("models:/viola-ich-tiny@champion", uri, tmp_path / "champion")
+        assert len(load_ensemble(ens).members) == 2
+    # the artifacts went through the server to its destination; nothing was written beside the data
+    assert len(list((tmp_path / "artifacts").rglob("best.pt"))) == 2
+    assert not (tmp_path / "mlruns").exists()
