@@ -136,7 +136,7 @@ def train_members(jobs: list[dict], compute: ComputeSettings, tracking_uri: str,
     with shared_tracking(tracking_uri, compute.runner == "ray") as uri, member_options(compute):
         futures = [train.submit(**job, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
                                 round_=round_, device=device, threads=compute.torch_threads) for job in jobs]
-    return [f.result() for f in futures]
+        return [f.result() for f in futures]  # inside: the store stays served until the last member ends
 
 
 @flow(name="self-training", log_prints=True)

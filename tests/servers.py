@@ -37,7 +37,7 @@ def postgres() -> Iterator[str]:
     bindir = _postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries are not installed")
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")
     folder = Path(tempfile.mkdtemp(prefix="viola-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:

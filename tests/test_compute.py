@@ -131,7 +131,7 @@ def _round0(tmp: Path, runner: str, during=None) -> dict:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("self-training-tiny")
     runs = client.search_runs([exp.experiment_id], max_results=100)
-    weights = {p.parent.name: torch.load(p, weights_only=True)["model"]
+    weights = {p.parent.name: torch.load(p, weights_only=True)["state_dict"]
                for p in sorted((root / ROUND0 / "members").glob("*/best.pt"))}
     test = json.loads((root / ROUND0 / "state.json").read_text())["test"]
     return {"summary": summaries[0], "weights": weights, "test": {k: v for k, v in test.items() if k != "test/seconds"},
