@@ -24,7 +24,7 @@ from tasks.compute import ComputeSettings, check_cluster, member_options, task_r
 from tasks.data import oracle_pairs, prepare_data, preprocess_catalog, preprocess_pairs
 from tasks.evaluation import evaluate_round
 from tasks.models import assemble_ensemble
-from tasks.pseudo import pseudo_label
+from tasks.pseudo import chunks, label_chunk, pseudo_label
 from tasks.registry import register_ensemble
 from tasks.rounds import (
     begin_invocation,
@@ -40,7 +40,7 @@ from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
 from viola_models.predictors import resolve_device
 
-__all__ = ["run_arm", "self_training", "train_members"]
+__all__ = ["label_unlabelled", "run_arm", "self_training", "train_members"]
 
 
 def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float) -> str:
@@ -81,6 +81,10 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                                                                                          "test")}
     pseudo: list[dict] = []
     if arm == "self-training" and r > 0 and by_role["unlabelled"]:
+        if settings.compute.runner == "ray":  # the masks made side by side; selected and tracked below
+            label_unlabelled.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
+                Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo", cache,
+                settings.pseudo.overlap, settings.pseudo.tta, settings.compute, settings.device)
         selected = pseudo_label(r, Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo",
                                 root, cache, settings.pseudo.rule, tracking_uri, run_id,
                                 overlap=settings.pseudo.overlap, tta=settings.pseudo.tta, device=device,
@@ -137,6 +141,18 @@ def train_members(jobs: list[dict], compute: ComputeSettings, tracking_uri: str,
         futures = [train.submit(**job, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
                                 round_=round_, device=device, threads=compute.torch_threads) for job in jobs]
         return [f.result() for f in futures]  # inside: the store stays served until the last member ends
+
+
+@flow(name="label-unlabelled")
+def label_unlabelled(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
+                     overlap: float, tta: bool, compute: ComputeSettings, device: str) -> int:
+    """The teacher's masks of the unlabelled scans, in one share per slot of the cluster (the
+    members' resources each), side by side; the pseudo-label task then selects from them."""
+    cluster = check_cluster(compute)
+    with member_options(compute):
+        futures = [label_chunk.submit(teacher_dir, teacher_run_id, share, out_dir, cache, overlap, tta, device,
+                                      compute.torch_threads) for share in chunks(scans, cluster.get("slots", 1))]
+        return sum(f.result() for f in futures)
 
 
 @flow(name="self-training", log_prints=True)

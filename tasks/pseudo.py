@@ -23,6 +23,31 @@ from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
 log = logging.getLogger(__name__)
 
 
+@task(name="label-scans")
+def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
+                overlap: float = 0.5, tta: bool = False, device: str = "auto", threads: int | None = None) -> int:
+    """Segment a share of the unlabelled scans with the teacher on this worker (masks and records in
+    ``out_dir``, which :func:`pseudo_label` reads back instead of predicting again). Nothing is
+    tracked here; returns how many scans have a mask."""
+    import torch
+
+    from viola_models.predictors import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = str(resolve_device(device))
+    table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev), scans, Path(out_dir), teacher_run_id,
+                        cache_dir=Path(cache), overlap=overlap, tta=tta)
+    return int((table.get("error", pd.Series(dtype=str)) == "").sum()) if len(table) else 0
+
+
+def chunks(scans: dict[str, dict], n: int) -> list[dict[str, dict]]:
+    """``scans`` in ``n`` shares of nearly equal size (by scan id), none empty."""
+    ids = sorted(scans)
+    n = max(1, min(n, len(ids)))
+    return [{i: scans[i] for i in ids[k::n]} for k in range(n)] if ids else []
+
+
 @task(name="pseudo-label")
 def pseudo_label(
     round_: int,

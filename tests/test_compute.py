@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.profiles import ProfileError, load_profile
 
-ROUND0 = Path("viola_work") / "rounds" / "round_000"
+ROUNDS = Path("viola_work") / "rounds"
 
 
 @pytest.mark.parametrize(("compute", "message"), [
@@ -110,9 +110,9 @@ def _phantoms(root: Path) -> Path:
     return root
 
 
-def _round0(tmp: Path, runner: str, during=None) -> dict:
-    """Round 0 of the tiny profile with one torch thread per member; its checkpoints, test metrics
-    and member runs. ``during(root)`` runs in a thread beside the round."""
+def _rounds(tmp: Path, runner: str, rounds: int, during=None) -> list[dict]:
+    """``rounds`` rounds of the tiny profile with one torch thread per member; per round its
+    checkpoints, test metrics and member runs. ``during(root)`` runs in a thread beside them."""
     from flows.self_training import self_training
 
     (tmp / "mlruns").mkdir(parents=True)
@@ -122,7 +122,7 @@ def _round0(tmp: Path, runner: str, during=None) -> dict:
         side.start()
     threads = torch.get_num_threads()
     try:
-        summaries = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri, overrides={
+        self_training(profile="tiny", data_root=str(root), rounds=rounds, tracking_uri=uri, overrides={
             "compute": {"runner": runner, "torch_threads": 1, "cpus_per_member": 1}})
     finally:
         torch.set_num_threads(threads)
@@ -131,12 +131,18 @@ def _round0(tmp: Path, runner: str, during=None) -> dict:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("self-training-tiny")
     runs = client.search_runs([exp.experiment_id], max_results=100)
-    weights = {p.parent.name: torch.load(p, weights_only=True)["state_dict"]
-               for p in sorted((root / ROUND0 / "members").glob("*/best.pt"))}
-    test = json.loads((root / ROUND0 / "state.json").read_text())["test"]
-    return {"summary": summaries[0], "weights": weights, "test": {k: v for k, v in test.items() if k != "test/seconds"},
-            "members": sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs
-                              if r.data.tags.get("viola.kind") == "member")}
+    out = []
+    for r in range(rounds):
+        folder = root / ROUNDS / f"round_{r:03d}"
+        weights = {p.parent.name: torch.load(p, weights_only=True)["state_dict"]
+                   for p in sorted((folder / "members").glob("*/best.pt"))}
+        test = json.loads((folder / "state.json").read_text())["test"]
+        pseudo = sorted(p.name for p in (folder / "pseudo").glob("*.nii.gz"))
+        out.append({"weights": weights, "test": {k: v for k, v in test.items() if k != "test/seconds"},
+                    "pseudo": pseudo, "members": sorted(
+                        (rr.data.tags["mlflow.runName"], rr.info.status) for rr in runs
+                        if rr.data.tags.get("viola.kind") == "member" and rr.data.tags.get("viola.round") == str(r))})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +154,8 @@ def prefect_api():
 
 
 @pytest.fixture(scope="module")
-def sequential(prefect_api, tmp_path_factory) -> dict:
-    return _round0(tmp_path_factory.mktemp("sequential"), "sequential")
+def sequential(prefect_api, tmp_path_factory) -> list[dict]:
+    return _rounds(tmp_path_factory.mktemp("sequential"), "sequential", 2)
 
 
 def _same(a: dict, b: dict) -> None:
@@ -161,12 +167,16 @@ def _same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_a_round_on_ray_gives_what_the_sequential_runner_gives(sequential, prefect_api, tmp_path):
+def test_rounds_on_ray_give_what_the_sequential_runner_gives(sequential, prefect_api, tmp_path):
+    """Round 0 (members side by side) and round 1 (the teacher's masks in shares, then members)."""
     pytest.importorskip("prefect_ray")
-    on_ray = _round0(tmp_path, "ray")
-    _same(on_ray, sequential)
-    assert on_ray["members"] == sequential["members"] == [("nnunet_tiny-fold0", "FINISHED"),
-                                                          ("viola_tiny-fold0", "FINISHED")]
+    on_ray = _rounds(tmp_path, "ray", 2)
+    for r in (0, 1):
+        _same(on_ray[r], sequential[r])
+        assert on_ray[r]["pseudo"] == sequential[r]["pseudo"]
+        assert on_ray[r]["members"] == sequential[r]["members"] == [("nnunet_tiny-fold0", "FINISHED"),
+                                                                    ("viola_tiny-fold0", "FINISHED")]
+    assert len(on_ray[1]["pseudo"]) == 3  # every unlabelled scan got the teacher's mask
 
 
 def _ray_members() -> list[int]:
@@ -187,7 +197,7 @@ def test_a_worker_killed_in_a_member_is_retried_and_resumes(sequential, prefect_
     killed: list[int] = []
 
     def kill_one(root: Path) -> None:
-        members = root / ROUND0 / "members"
+        members = root / ROUNDS / "round_000" / "members"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:  # the first checkpoint to resume from, before the member ends
             started = [p.parent for p in members.glob("*/last.pt") if not (p.parent / "result.json").exists()]
@@ -198,10 +208,10 @@ def test_a_worker_killed_in_a_member_is_retried_and_resumes(sequential, prefect_
                 return
             time.sleep(0.01)
 
-    on_ray = _round0(tmp_path, "ray", during=kill_one)
+    on_ray = _rounds(tmp_path, "ray", 1, during=kill_one)[0]
     assert killed, "no member was caught between its first checkpoint and its end"
-    _same(on_ray, sequential)  # resumed exactly
-    assert on_ray["members"] == sequential["members"]  # one run per member, finished: none duplicated
+    _same(on_ray, sequential[0])  # resumed exactly
+    assert on_ray["members"] == sequential[0]["members"]  # one run per member, finished: none duplicated
 
 
 # ------------------------------------------------------------------- MLflow for many machines
@@ -229,3 +239,44 @@ def test_a_round_logs_to_a_tracking_server_over_http(prefect_api, tmp_path, monk
     # the artifacts went through the server to its destination; nothing was written beside the data
     assert len(list((tmp_path / "artifacts").rglob("best.pt"))) == 2
     assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_pseudo_labels_made_on_ray_are_those_made_here(ensemble_dir, prefect_api, tmp_path):
+    """The teacher's masks of the unlabelled scans, in shares side by side on Ray, are those that one
+    process makes: same masks, same scores, records that the pseudo-label task reads back."""
+    pytest.importorskip("prefect_ray")
+    import nibabel as nib
+    import numpy as np
+
+    from data_catalog.scans import file_sha256
+    from flows.self_training import label_unlabelled
+    from tasks.compute import ComputeSettings, task_runner
+    from tests.helpers import head_volume, write_nifti
+    from viola_models.ensemble import load_ensemble
+    from viola_models.pseudo_labels import label_scans
+
+    (tmp_path / "unl").mkdir()
+    scans = {}
+    for i in range(3):
+        img, _, aff = head_volume(seed=20 + i, lesions=((8 - 5 * i, 4, 0, 10.0),))
+        path = write_nifti(tmp_path / "unl" / f"u{i}.nii.gz", img, aff, np.int16)
+        scans[f"u{i}"] = {"image": str(path), "image_hash": file_sha256(path)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = label_scans(load_ensemble(ensemble_dir), scans, tmp_path / "here", "teacher",
+                           cache_dir=tmp_path / "cache", overlap=0.25).set_index("scan_id")
+    finally:
+        torch.set_num_threads(threads)
+    compute = ComputeSettings(runner="ray", torch_threads=1)
+    runner = label_unlabelled.with_options(task_runner=task_runner(compute, "sqlite:///unused"))
+    assert runner(ensemble_dir, "teacher", scans, tmp_path / "ray", tmp_path / "cache", 0.25, False, compute,
+                  "cpu") == 3
+    read_back = label_scans(lambda: pytest.fail("every scan should have been labelled on Ray"), scans,
+                            tmp_path / "ray", "teacher").set_index("scan_id")
+    for scan_id in scans:
+        a, b = (nib.load(d / f"{scan_id}.nii.gz").get_fdata() for d in (tmp_path / "here", tmp_path / "ray"))
+        assert np.array_equal(a, b) and a.any(), scan_id
+        for score in ("agreement", "union_agreement", "mean_max_probability", "volume_ml"):
+            assert read_back.loc[scan_id, score] == pytest.approx(here.loc[scan_id, score], abs=1e-6), (scan_id, score)
