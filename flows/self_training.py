@@ -22,7 +22,7 @@ from tasks import tracking
 from tasks.calibration import calibrate
 from tasks.compute import ComputeSettings, check_cluster, member_options, task_runner
 from tasks.data import oracle_pairs, prepare_data, preprocess_catalog, preprocess_pairs
-from tasks.evaluation import evaluate_round
+from tasks.evaluation import evaluate_round, score_chunk
 from tasks.models import assemble_ensemble
 from tasks.pseudo import chunks, label_chunk, pseudo_label
 from tasks.registry import register_ensemble
@@ -40,7 +40,7 @@ from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
 from viola_models.predictors import resolve_device
 
-__all__ = ["label_unlabelled", "run_arm", "self_training", "train_members"]
+__all__ = ["label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
 
 
 def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float) -> str:
@@ -110,8 +110,12 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                                                                         0).patch_size))
     evaluate = {"overlap": settings.evaluate.overlap, "tta": settings.evaluate.tta,
                 "nsd_tolerance_mm": settings.evaluate.nsd_tolerance_mm}
+    rows = None
+    if settings.compute.runner == "ray" and by_role["test"]:  # scored side by side, tracked below
+        rows = score_test_scans.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
+            Path(ens_dir), by_role["test"], cache, settings.compute, settings.device, **evaluate)
     test = evaluate_round(Path(ens_dir), by_role["test"], cache, rdir / "test_metrics.csv", tracking_uri, run_id, r,
-                          device=device, **evaluate)
+                          device=device, rows=rows, **evaluate)
     reg = None
     if arm == "self-training":
         reg = register_ensemble(Path(ens_dir), settings.tracking.registered_model, tracking_uri, run_id, r,
@@ -153,6 +157,17 @@ def label_unlabelled(teacher_dir: Path, teacher_run_id: str, scans: dict[str, di
         futures = [label_chunk.submit(teacher_dir, teacher_run_id, share, out_dir, cache, overlap, tta, device,
                                       compute.torch_threads) for share in chunks(scans, cluster.get("slots", 1))]
         return sum(f.result() for f in futures)
+
+
+@flow(name="score-test-scans")
+def score_test_scans(ensemble_dir: Path, scans: dict[str, dict], cache: Path, compute: ComputeSettings, device: str,
+                     overlap: float, tta: bool, nsd_tolerance_mm: float) -> list[dict]:
+    """The ensemble's per-scan test rows, in one share per slot of the cluster, side by side."""
+    cluster = check_cluster(compute)
+    with member_options(compute):
+        futures = [score_chunk.submit(ensemble_dir, share, cache, overlap, tta, nsd_tolerance_mm, device,
+                                      compute.torch_threads) for share in chunks(scans, cluster.get("slots", 1))]
+        return [row for f in futures for row in f.result()]
 
 
 @flow(name="self-training", log_prints=True)

@@ -6,14 +6,30 @@ import logging
 import time
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 
 from data_catalog.scans import atomic_write
 from tasks import tracking
 from viola_models.ensemble import load_ensemble
-from viola_models.evaluation import evaluate_scans
+from viola_models.evaluation import evaluate_scans, means_of
 
 log = logging.getLogger(__name__)
+
+
+@task(name="score-scans")
+def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap: float = 0.5, tta: bool = False,
+                nsd_tolerance_mm: float = 0.42, device: str = "auto", threads: int | None = None) -> list[dict]:
+    """Score the ensemble on a share of the test scans on this worker; the per-scan rows, untracked."""
+    import torch
+
+    from viola_models.predictors import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    table, _ = evaluate_scans(load_ensemble(Path(ensemble_dir), device=str(resolve_device(device))), scans,
+                              cache_dir=Path(cache), overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
+    return table.to_dict("records")
 
 
 @task(name="evaluate")
@@ -29,15 +45,21 @@ def evaluate_round(
     tta: bool = False,
     nsd_tolerance_mm: float = 0.42,
     device: str = "cpu",
+    rows: list[dict] | None = None,
 ) -> dict[str, float]:
     """Score the ensemble on the test scans; logs the per-case table (``test/per_case.csv``) and the
-    means (``test/dsc``, ``test/hd``, ``test/nsd``, ``test/rvd``) to ``run_id``; returns the means."""
+    means (``test/dsc``, ``test/hd``, ``test/nsd``, ``test/rvd``) to ``run_id``; returns the means.
+    ``rows``: the per-scan rows already scored elsewhere (:func:`score_chunk`), only tracked here."""
     if not scans:
         log.warning("no test scans: nothing to evaluate")
         return {}
     t0 = time.perf_counter()
-    table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device), scans, cache_dir=Path(cache),
-                                  overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
+    if rows is None:
+        table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device), scans, cache_dir=Path(cache),
+                                      overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
+    else:  # scored side by side (score_chunk): the same table, in the same order
+        table = pd.DataFrame(rows).sort_values("scan_id", kind="stable").reset_index(drop=True)
+        means = means_of(table)
     atomic_write(Path(out_csv), lambda tmp: table.to_csv(tmp, index=False))
     client = tracking.client_for(tracking_uri)
     tracking.log_table(client, run_id, table, "test/per_case.csv")

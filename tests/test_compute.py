@@ -163,7 +163,8 @@ def _same(a: dict, b: dict) -> None:
     for name in a["weights"]:
         for key, tensor in a["weights"][name].items():
             assert torch.equal(tensor, b["weights"][name][key]), (name, key)
-    assert a["test"] == b["test"]
+    # the metrics' own float sums may differ in the last bits between processes (seen: NSD at 2e-10)
+    assert a["test"] == pytest.approx(b["test"], rel=1e-7, abs=1e-9)
 
 
 @pytest.mark.slow

@@ -174,3 +174,23 @@ def test_a_full_disk_leaves_no_partial_mask_and_one_line(ensemble_dir, scans, tm
     assert line.startswith("error: ") and "cannot write" in line and "lps.nii.gz" in line and "No space" in line
     assert sorted(p.name for p in out.iterdir()) == []  # no mask, no temporary file, no table yet
     assert _snapshot(scans) == before
+
+
+def test_scores_of_shares_of_the_test_scans_add_up_to_the_whole(ensemble_dir, tmp_path):
+    """Evaluation fanned out over workers: the rows of each share, put together, give the same means
+    as one pass over every scan (a rejected scan stays out of the means)."""
+    from viola_models.evaluation import evaluate_scans, means_of
+
+    scans = {}
+    for i in range(3):
+        img, lab, aff = head_volume(seed=30 + i, lesions=((8 - 6 * i, 4, 0, 10.0),))
+        scans[f"s{i}"] = {"image": str(write_nifti(tmp_path / f"s{i}.nii.gz", img, aff, np.int16)),
+                          "label": str(write_nifti(tmp_path / f"l{i}.nii.gz", lab, aff, np.uint8))}
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a scan")
+    scans["bad"] = {"image": str(tmp_path / "bad.nii.gz"), "label": str(tmp_path / "l0.nii.gz")}
+    ensemble = load_ensemble(ensemble_dir)
+    whole, means = evaluate_scans(ensemble, scans, overlap=0.25)
+    shares = [{k: scans[k] for k in ids} for ids in (["s0", "bad"], ["s1", "s2"])]
+    rows = pd.concat([evaluate_scans(ensemble, share, overlap=0.25)[0] for share in shares])
+    assert means_of(rows) == means and means["n_cases"] == 3
+    assert set(whole.status) == {"ok", "rejected"} and 0 < means["dsc"] < 1

@@ -17,7 +17,9 @@ from viola_models.ensemble import Ensemble
 from viola_models.metrics import evaluate_case, summarize
 from viola_models.segment import segment_scan
 
-__all__ = ["evaluate_scans"]
+__all__ = ["CASE_METRICS", "evaluate_scans", "means_of"]
+
+CASE_METRICS = ("dsc", "hd", "nsd", "rvd", "pred_volume_ml", "gt_volume_ml", "abc2_volume_ml")  # evaluate_case
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def evaluate_scans(
     (``dsc``, ``hd``, ``nsd``, ``rvd``, ``n_cases``). A scan that cannot be read gets a row with
     its reason and is left out of the means.
     """
-    rows, cases = [], []
+    rows = []
     for i, (scan_id, scan) in enumerate(sorted(scans.items()), 1):
         t0 = time.perf_counter()
         try:
@@ -53,13 +55,21 @@ def evaluate_scans(
             rows.append({"scan_id": scan_id, "status": "rejected", "reason": str(e)})
             continue
         metrics = evaluate_case(seg.mask, gt, seg.info.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
-        cases.append(metrics)
         rows.append({"scan_id": scan_id, "status": "ok", "reason": "", **metrics,
                      **{k: seg.scores[k] for k in ("consensus", "agreement", "predicted_dice")},
                      "seconds": time.perf_counter() - t0})
         if on_scan:
             on_scan(i, len(scans), scan_id)
+    table = pd.DataFrame(rows)
+    return table, means_of(table)
+
+
+def means_of(table: pd.DataFrame) -> dict[str, float]:
+    """The means over the scans of a per-scan table (:func:`evaluate_scans`; tables of shares of the
+    scans concatenated give the same) that were scored: ``dsc``, ``hd``, ``nsd``, ``rvd``, ``n_cases``."""
+    ok = table[table["status"] == "ok"] if len(table) else table
+    cases = [{k: float(v) for k, v in row.items() if k in CASE_METRICS} for row in ok.to_dict("records")]
     means = summarize(cases) if cases else {}
     report = {k: means[k] for k in ("dsc", "hd", "nsd", "rvd") if k in means}
     report["n_cases"] = len(cases)
-    return pd.DataFrame(rows), report
+    return report
