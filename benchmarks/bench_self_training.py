@@ -22,9 +22,11 @@ scan to choose anything: the profile's settings are used as they are.
     python benchmarks/bench_self_training.py --out bench_out [--seeds 2026 2027 2028] [--options]
     python benchmarks/bench_self_training.py --out bench_out --report     # the table of what has run
 
-Each step is resumable: run the same command again after an interruption. The demo profile on
-2 CPU cores takes about 35 minutes per seed for the core arms, about 80 with ``--options``; the
-core arms of every seed run before any option.
+Each step is resumable: run the same command again after an interruption. The demo profile's
+core arms took about 65 minutes per seed on 2 CPU cores with two seeds side by side (one process
+each, ``--seeds``, ``OMP_NUM_THREADS=1``, separate ``--out`` and ``PREFECT_HOME``; ``--report`` reads
+every ``seed_*.json`` of one ``--out``); the options roughly double it. The core arms of every seed
+run before any option.
 """
 
 from __future__ import annotations
