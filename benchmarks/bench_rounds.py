@@ -1,6 +1,6 @@
 """Where a round's members train: the sequential runner against Ray, and the paper round on N GPUs.
 
-    python benchmarks/bench_rounds.py --out bench_rounds [--profile tiny] [--steps 60] [--skip-measure]
+    python benchmarks/bench_rounds.py --out bench_rounds [--profile tiny] [--steps 300] [--skip-measure]
                                       [--gpu-share 0.25] [--viola-ms 83] [--nnunet-ms 41]
 
 1. Measured on this machine: round 0 of a profile (tiny by default, members trained ``--steps``
@@ -100,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--profile", default="tiny")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per member (0: the profile's)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps per member (0: the profile's)")
     ap.add_argument("--gpu-share", type=float, default=None, help="GPU machine: Ray's gpus_per_member")
     ap.add_argument("--skip-measure", action="store_true", help="only the paper table")
     ap.add_argument("--viola-ms", type=float, default=83.0, help="viola_l train step on one GPU (ms)")
@@ -114,6 +114,10 @@ def main() -> None:
     print(f"bench_rounds: {platform.node()} ({os.cpu_count()} CPU), {args.profile} profile round 0, {steps}")
     overhead = args.overhead_s
     if not args.skip_measure:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:  # the temporary Prefect API starts before any timing
+            client.api_healthcheck()
         rows = measure(args.out.resolve(), args.steps, args.profile, args.gpu_share)
         base = rows[0][1]["wall_s"]
         print(f"\n  {'runner':<34}{'round (s)':>10}{'members (s)':>12}{'speed-up':>9}{'overhead (s)':>13}")

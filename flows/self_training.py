@@ -20,7 +20,7 @@ from prefect.states import Completed
 from flows.profiles import PipelineSettings, load_profile
 from tasks import tracking
 from tasks.calibration import calibrate
-from tasks.compute import ComputeSettings, check_cluster, member_options, task_runner
+from tasks.compute import ComputeSettings, check_cluster, cluster, member_options, task_runner
 from tasks.data import oracle_pairs, prepare_data, preprocess_catalog, preprocess_pairs
 from tasks.evaluation import evaluate_round, score_chunk
 from tasks.models import assemble_ensemble
@@ -188,7 +188,8 @@ def self_training(profile: str = "demo", data_root: str | None = None, rounds: i
     s = settings.data
     # phantoms are generated only into the profile's own data root (the demo), never into a user's
     synth = s.synth.model_dump() if s.synth and data_root is None else None
-    with exclusive(settings.work_dir, create_root=synth is not None):  # one run per data root at a time
+    # one run per data root at a time; one Ray for the whole call when the members fan out on it
+    with exclusive(settings.work_dir, create_root=synth is not None), cluster(settings.compute, uri):
         recover_crashed(settings.work_dir, uri)
         data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels, synth)
         first = begin_invocation(settings.work_dir, rounds, extra)
