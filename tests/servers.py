@@ -1,11 +1,13 @@
 """Services for the tests that need them, started on 127.0.0.1 in temporary folders and stopped by
-PID: a PostgreSQL server (the backend store of a multi-machine MLflow set-up)."""
+PID: a free port, a process group stopped, a PostgreSQL server (the backend store of a
+multi-machine MLflow set-up)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -16,10 +18,21 @@ from pathlib import Path
 import pytest
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 def _postgres_bin() -> Path | None:
@@ -44,7 +57,7 @@ def postgres() -> Iterator[str]:
         os.chmod(folder, 0o755)
         os.chown(folder, 65534, 65534)
         as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    port = _free_port()
+    port = free_port()
     run = {"check": True, "capture_output": True, "timeout": 120, "cwd": folder}
     proc = None
     try:

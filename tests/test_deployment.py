@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import head_volume, write_nifti
+from tests.servers import free_port, stop_group
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def _wait(check, timeout: float, what: str) -> None:
@@ -58,7 +41,7 @@ def _flow_runs(env: dict, flow: str) -> list[dict]:
 
 
 def test_serve_then_run_the_round_deployment(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -128,6 +111,6 @@ def _serve_and_run(env: dict, port: int, data: Path, store: Path, logs: Path, se
         assert state1["status"] == "finished"
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(server)
+            stop_group(serve)
+        stop_group(server)
     assert server.poll() is not None and (serve is None or serve.poll() is not None)
