@@ -4,6 +4,7 @@ the same checkpoints and test metrics, also when a worker is killed in the middl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -281,3 +282,62 @@ def test_pseudo_labels_made_on_ray_are_those_made_here(ensemble_dir, prefect_api
         assert np.array_equal(a, b) and a.any(), scan_id
         for score in ("agreement", "union_agreement", "mean_max_probability", "volume_ml"):
             assert read_back.loc[scan_id, score] == pytest.approx(here.loc[scan_id, score], abs=1e-6), (scan_id, score)
+
+
+def _ours(prefect_home: Path) -> list[int]:
+    """PIDs of processes left by a run with this PREFECT_HOME (its environment says so)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PREFECT_HOME={prefect_home}".encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+@pytest.mark.slow
+def test_a_driver_killed_under_ray_is_completed_by_the_same_command(sequential, tmp_path):
+    """kill -9 of `viola run` (its process group) while members train on Ray: the workers die with
+    it, and the same command resumes them to what the sequential runner gives."""
+    pytest.importorskip("prefect_ray")
+    import subprocess
+    import sys
+
+    root, store, home = _phantoms(tmp_path / "data"), tmp_path / "mlflow.db", tmp_path / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_PROFILES_PATH"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(root), "--rounds", "1",
+           "--tracking-uri", f"sqlite:///{store}", "--set", "compute.runner=ray", "--set", "compute.torch_threads=1"]
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        with open(tmp_path / "run.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        members = root / ROUNDS / "round_000" / "members"
+        deadline = time.monotonic() + 600
+        while not list(members.glob("*/last.pt")):
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no member wrote a checkpoint"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60  # Ray's workers share the driver's fate
+        while any(p in _ray_members() for p in _ours(home)):
+            assert time.monotonic() < deadline, "Ray workers of the killed run are still training"
+            time.sleep(0.5)
+        again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    finally:
+        for pid in _ours(home):  # Ray's agents outlive a killed driver: stop what this test started
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    weights = {p.parent.name: torch.load(p, weights_only=True)["state_dict"]
+               for p in sorted((members).glob("*/best.pt"))}
+    test = json.loads((root / ROUNDS / "round_000" / "state.json").read_text())["test"]
+    _same({"weights": weights, "test": {k: v for k, v in test.items() if k != "test/seconds"}}, sequential[0])
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("self-training-tiny").experiment_id])
+    assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs
+                  if r.data.tags.get("viola.kind") == "member") == sequential[0]["members"]
