@@ -169,20 +169,23 @@ def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monk
 
     def crashing_fit(train, val, settings, out_dir, **kw):
         calls.append(Path(out_dir).name)
-        if Path(out_dir).name == "nnunet_tiny-fold0" and calls.count("nnunet_tiny-fold0") == 1:
+        if Path(out_dir).name == "nnunet_tiny-fold0" and calls.count("nnunet_tiny-fold0") <= 2:
             raise RuntimeError("simulated crash in the second member")
         return real_fit(train, val, settings, out_dir, **kw)
 
     monkeypatch.setattr(tasks.training, "fit", crashing_fit)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # no retries: the crash ends the call
+        self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri,
+                      overrides={"compute": {"retries": 0}})
     state = json.loads((root / "viola_work" / "rounds" / "round_000" / "state.json").read_text())
     assert state["status"] == "running"
     done_viola = root / "viola_work" / "rounds" / "round_000" / "members" / "viola_tiny-fold0" / "result.json"
     stamp = done_viola.stat().st_mtime_ns
 
+    # the same command (the profile's retries): the member fails once more, is retried, and the round ends
     summary = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)[0]
     assert summary["round"] == 0 and summary["run_id"] == state["run_id"]
+    assert calls.count("nnunet_tiny-fold0") == 3
     assert done_viola.stat().st_mtime_ns == stamp  # the finished member was reused, not retrained
     runs = _runs(MlflowClient(uri), "self-training-tiny")
     assert (runs.kind == "round").sum() == 1 and (runs.kind == "member").sum() == 2
