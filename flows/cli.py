@@ -113,8 +113,9 @@ def run(
     _setup(flows=True)
     from data_catalog.catalog import discover
     from flows.profiles import ProfileError, load_profile, parse_overrides
+    from tasks.compute import ClusterError, check_reachable
     from tasks.rounds import RunBusyError, exclusive
-    from tasks.tracking import TrackingUnavailable
+    from tasks.tracking import TrackingUnavailable, default_tracking_uri
 
     held = ExitStack()
     try:  # fail fast, in one line, before Prefect starts
@@ -123,9 +124,11 @@ def run(
         user_root = data is not None or settings.data.synth is None
         if user_root:  # a user's data root must hold scans; only the demo's is filled with phantoms
             discover(settings.data.root)
+        check_reachable(settings.compute, tracking_uri or default_tracking_uri(create=False),
+                        os.environ.get("PREFECT_API_URL"))
         # the data root is this process's until it exits (the flow takes the same lock again)
         held.enter_context(exclusive(settings.work_dir, create_root=not user_root))
-    except (ProfileError, FileNotFoundError, RunBusyError) as e:
+    except (ProfileError, FileNotFoundError, RunBusyError, ClusterError) as e:
         _fail(str(e))
     from flows.self_training import self_training
 
@@ -134,7 +137,7 @@ def run(
             results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
                                     tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
                                     overrides=overrides or None)
-        except (*_KNOWN, RunBusyError, TrackingUnavailable) as e:
+        except (*_KNOWN, RunBusyError, TrackingUnavailable, ClusterError) as e:
             _fail(str(e), code=1)
     for res in results:
         typer.echo(res["summary"])

@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ClusterError", "ComputeSettings", "check_cluster", "cluster", "member_options", "task_runner"]
+__all__ = ["ClusterError", "ComputeSettings", "check_cluster", "check_reachable", "cluster", "member_options",
+           "task_runner"]
 
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
@@ -93,16 +94,27 @@ def task_runner(compute: ComputeSettings, tracking_uri: str) -> TaskRunner:
 
 def _reachable(compute: ComputeSettings, tracking_uri: str) -> str | None:
     """This run's Prefect API URL, after refusing a remote cluster whose workers could not reach it
-    or the MLflow store."""
-    remote = compute.address.startswith("ray://")
-    if remote and not tracking_uri.startswith(("http://", "https://")):
+    or the MLflow store (the store first: it needs no Prefect API to tell)."""
+    _check_tracking(compute, tracking_uri)
+    api = _prefect_api_url()
+    check_reachable(compute, tracking_uri, api)
+    return api
+
+
+def _check_tracking(compute: ComputeSettings, tracking_uri: str) -> None:
+    if compute.address.startswith("ray://") and not tracking_uri.startswith(("http://", "https://")):
         raise ClusterError(f"a remote Ray cluster ({compute.address}) cannot write to {tracking_uri}: run "
                            "`mlflow server` (README) and give its http:// address as the tracking URI")
-    api = _prefect_api_url()
-    if remote and urlparse(api or "").hostname in _LOOPBACK:
+
+
+def check_reachable(compute: ComputeSettings, tracking_uri: str, api_url: str | None) -> None:
+    """A remote Ray cluster (``ray://``) needs a tracking server and a Prefect API that its
+    workers can reach: else a ClusterError with one line (also checked before Prefect starts)."""
+    _check_tracking(compute, tracking_uri)
+    if compute.address.startswith("ray://") and urlparse(api_url or "").hostname in _LOOPBACK:
         raise ClusterError(f"a remote Ray cluster ({compute.address}) cannot reach this machine's own Prefect "
-                           f"API ({api}): start a Prefect server and set PREFECT_API_URL to its address")
-    return api
+                           f"API ({api_url or 'a temporary one'}): start a Prefect server and set PREFECT_API_URL "
+                           "to its address")
 
 
 def _ray_init_kwargs(api: str | None) -> dict:

@@ -54,6 +54,13 @@ def test_a_remote_cluster_needs_a_tracking_server():
     s = load_profile("tiny", overrides={"compute": {"runner": "ray", "address": "ray://head.example:10001"}})
     with pytest.raises(ClusterError, match=r"cannot write to sqlite:///x/mlflow\.db"):
         task_runner(s.compute, "sqlite:///x/mlflow.db")
+    from tasks.compute import check_reachable
+
+    for api in (None, "http://127.0.0.1:4200/api"):  # its workers cannot reach this machine's own API
+        with pytest.raises(ClusterError, match="cannot reach this machine's own Prefect API"):
+            check_reachable(s.compute, "http://mlflow.example:5000", api)
+    check_reachable(s.compute, "http://mlflow.example:5000", "http://prefect.example:4200/api")
+    check_reachable(load_profile("tiny").compute, "sqlite:///x/mlflow.db", None)  # a local run needs neither
 
 
 def test_a_worker_that_cannot_see_the_data_says_which_path_and_is_not_retried(tmp_path):
@@ -341,3 +348,18 @@ def test_a_driver_killed_under_ray_is_completed_by_the_same_command(sequential, 
     runs = client.search_runs([client.get_experiment_by_name("self-training-tiny").experiment_id])
     assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs
                   if r.data.tags.get("viola.kind") == "member") == sequential[0]["members"]
+
+
+def test_viola_run_refuses_a_remote_cluster_without_a_tracking_server_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root = _phantoms(tmp_path / "data")
+    res = CliRunner().invoke(app, ["run", "--profile", "tiny", "--data", str(root), "--tracking-uri",
+                                   f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", "compute.runner=ray",
+                                   "--set", "compute.address=ray://head.example:10001"])
+    assert res.exit_code == 2, res.output  # refused before Prefect starts
+    assert res.output.strip().splitlines()[-1].startswith("error: a remote Ray cluster (ray://head.example:10001) "
+                                                          "cannot write to sqlite:///")
+    assert "Traceback" not in res.output
