@@ -111,7 +111,7 @@ def check_reachable(compute: ComputeSettings, tracking_uri: str, api_url: str | 
     """A remote Ray cluster (``ray://``) needs a tracking server and a Prefect API that its
     workers can reach: else a ClusterError with one line (also checked before Prefect starts)."""
     _check_tracking(compute, tracking_uri)
-    if compute.address.startswith("ray://") and urlparse(api_url or "").hostname in _LOOPBACK:
+    if compute.address.startswith("ray://") and (urlparse(api_url or "").hostname or "") in _LOOPBACK:
         raise ClusterError(f"a remote Ray cluster ({compute.address}) cannot reach this machine's own Prefect "
                            f"API ({api_url or 'a temporary one'}): start a Prefect server and set PREFECT_API_URL "
                            "to its address")
