@@ -147,27 +147,30 @@ def train_members(jobs: list[dict], compute: ComputeSettings, tracking_uri: str,
         return [f.result() for f in futures]  # inside: the store stays served until the last member ends
 
 
+def _per_share(task, scans: dict[str, dict], compute: ComputeSettings, **kwargs) -> list:
+    """``task`` on one share of ``scans`` per slot of the cluster, side by side; its results in order."""
+    slots = check_cluster(compute).get("slots", 1)
+    with member_options(compute):
+        futures = [task.submit(scans=share, threads=compute.torch_threads, **kwargs) for share in chunks(scans, slots)]
+        return [f.result() for f in futures]
+
+
 @flow(name="label-unlabelled")
 def label_unlabelled(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
                      overlap: float, tta: bool, compute: ComputeSettings, device: str) -> int:
     """The teacher's masks of the unlabelled scans, in one share per slot of the cluster (the
     members' resources each), side by side; the pseudo-label task then selects from them."""
-    cluster = check_cluster(compute)
-    with member_options(compute):
-        futures = [label_chunk.submit(teacher_dir, teacher_run_id, share, out_dir, cache, overlap, tta, device,
-                                      compute.torch_threads) for share in chunks(scans, cluster.get("slots", 1))]
-        return sum(f.result() for f in futures)
+    return sum(_per_share(label_chunk, scans, compute, teacher_dir=teacher_dir, teacher_run_id=teacher_run_id,
+                          out_dir=out_dir, cache=cache, overlap=overlap, tta=tta, device=device))
 
 
 @flow(name="score-test-scans")
 def score_test_scans(ensemble_dir: Path, scans: dict[str, dict], cache: Path, compute: ComputeSettings, device: str,
                      overlap: float, tta: bool, nsd_tolerance_mm: float) -> list[dict]:
     """The ensemble's per-scan test rows, in one share per slot of the cluster, side by side."""
-    cluster = check_cluster(compute)
-    with member_options(compute):
-        futures = [score_chunk.submit(ensemble_dir, share, cache, overlap, tta, nsd_tolerance_mm, device,
-                                      compute.torch_threads) for share in chunks(scans, cluster.get("slots", 1))]
-        return [row for f in futures for row in f.result()]
+    return [row for rows in _per_share(score_chunk, scans, compute, ensemble_dir=ensemble_dir, cache=cache,
+                                       overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm, device=device)
+            for row in rows]
 
 
 @flow(name="self-training", log_prints=True)

@@ -23,7 +23,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["ClusterError", "ComputeSettings", "check_cluster", "check_reachable", "cluster", "member_options",
-           "task_runner"]
+           "task_runner", "worker_device"]
 
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
@@ -157,6 +157,19 @@ def member_options(compute: ComputeSettings) -> Iterator[None]:
     with remote_options(num_gpus=compute.gpus_per_member, num_cpus=compute.cpus_per_member,
                         max_retries=compute.retries):
         yield
+
+
+def worker_device(device: str, threads: int | None) -> str:
+    """In the process that runs a task (a Ray worker, or this one): torch's intra-op threads set to
+    ``threads`` (None: left as they are) and ``device`` resolved here (``auto``: the GPU Ray gave
+    this worker, if any)."""
+    import torch
+
+    from viola_models.predictors import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    return str(resolve_device(device))
 
 
 def check_cluster(compute: ComputeSettings) -> dict:

@@ -11,6 +11,7 @@ from prefect import task
 
 from data_catalog.scans import atomic_write
 from tasks import tracking
+from tasks.compute import worker_device
 from viola_models.ensemble import load_ensemble
 from viola_models.evaluation import evaluate_scans, means_of
 
@@ -21,13 +22,7 @@ log = logging.getLogger(__name__)
 def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap: float = 0.5, tta: bool = False,
                 nsd_tolerance_mm: float = 0.42, device: str = "auto", threads: int | None = None) -> list[dict]:
     """Score the ensemble on a share of the test scans on this worker; the per-scan rows, untracked."""
-    import torch
-
-    from viola_models.predictors import resolve_device
-
-    if threads:
-        torch.set_num_threads(threads)
-    table, _ = evaluate_scans(load_ensemble(Path(ensemble_dir), device=str(resolve_device(device))), scans,
+    table, _ = evaluate_scans(load_ensemble(Path(ensemble_dir), device=worker_device(device, threads)), scans,
                               cache_dir=Path(cache), overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
     return table.to_dict("records")
 

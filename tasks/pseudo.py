@@ -17,6 +17,7 @@ from data_catalog.overlays import calibration_png, overlay_png
 from data_catalog.scans import read_image
 from data_catalog.selection import SelectionRule, select_pseudo_labels
 from tasks import tracking
+from tasks.compute import worker_device
 from viola_models.ensemble import load_ensemble
 from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
 
@@ -29,13 +30,7 @@ def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], 
     """Segment a share of the unlabelled scans with the teacher on this worker (masks and records in
     ``out_dir``, which :func:`pseudo_label` reads back instead of predicting again). Nothing is
     tracked here; returns how many scans have a mask."""
-    import torch
-
-    from viola_models.predictors import resolve_device
-
-    if threads:
-        torch.set_num_threads(threads)
-    dev = str(resolve_device(device))
+    dev = worker_device(device, threads)
     table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev), scans, Path(out_dir), teacher_run_id,
                         cache_dir=Path(cache), overlap=overlap, tta=tta)
     return int((table.get("error", pd.Series(dtype=str)) == "").sum()) if len(table) else 0

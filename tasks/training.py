@@ -14,6 +14,7 @@ from prefect import task
 
 from data_catalog.scans import atomic_write
 from tasks import tracking
+from tasks.compute import worker_device
 from viola_models.training import TrainCallbacks, TrainSettings, fit, fit_digest
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,6 @@ def train_member(
     ``device`` is resolved here (``auto``: the GPU Ray gave this worker, if any); ``threads``: torch's
     intra-op threads in this process.
     """
-    import torch
-
-    from viola_models.predictors import resolve_device
-
     out_dir = Path(out_dir)
     train, val = [Path(p) for p in spec["train"]], [Path(p) for p in spec["val"]]
     weights = spec.get("weights")
@@ -125,9 +122,7 @@ def train_member(
                                       "must see the data root and its work folder by the same path (a shared "
                                       "filesystem)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    device = str(resolve_device(device))
+    device = worker_device(device, threads)
     digest = fit_digest(train, val, settings, init, weights)
     if final_settings is not None:
         digest += f"+{final_settings.model_dump_json()}"
