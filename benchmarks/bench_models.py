@@ -1,16 +1,18 @@
 """Model benchmark: parameters, eval forward time, train-step time and peak memory.
 
     python benchmarks/bench_models.py [--device cpu|cuda|all] [--models viola_l,viola_s,nnunet_r]
-                                      [--shape 160,160,16] [--repeats 7] [--spec]
+        [--shape 160,160,16] [--repeats 7] [--precisions fp32,bf16] [--spec] [--variants]
 
 Prints one row per (model, device, precision): trainable parameters, median eval forward time of
 one 1x3xHxWxD patch after warm-up and its ratio to nnunet_r, eager ("fwd") and as the predictor
 runs it ("fast": batch norm folded into the convolutions, and on CUDA replayed as a CUDA graph),
-median train step (batch 2: forward,
-Dice+focal loss over the deep-supervision outputs, backward, SGD step), and peak memory (CUDA:
-max allocated; CPU: peak resident set of a fresh process per model). ``--spec`` adds a row for
-viola_l with its attention replaced by the literal, operation-by-operation transcription of the
-spec (tests/spec_attention.py), i.e. the authors' way of computing it.
+median train step (batch 2: forward, Dice+focal loss over the deep-supervision outputs, backward,
+SGD step), and peak memory (CUDA: max allocated; CPU: peak resident set of a fresh process per
+model). ``--spec`` adds viola_l with its attention replaced by the literal, operation-by-operation
+transcription of the spec (tests/spec_attention.py), i.e. the authors' way of computing it.
+``--variants`` adds the training paths of viola_l side by side: ``+stored`` (plain autograd keeps
+the attention's full-size fusion: the old path), the default (recomputed in the backward), and
+``+compile`` / ``+graphs`` (``TrainSettings.compile`` "default" / "reduce-overhead").
 """
 
 from __future__ import annotations
@@ -65,11 +67,15 @@ def _with_spec_attention(model: torch.nn.Module) -> torch.nn.Module:
 
 def bench_one(name: str, device: str, precision: str, shape: tuple[int, ...], repeats: int) -> dict:
     torch.manual_seed(0)
-    spec = name.endswith("+spec")
-    model = build_model(name.removesuffix("+spec"))
-    if spec:
+    base_name, _, variant = name.partition("+")
+    model = build_model(base_name)
+    if variant == "spec":
         model = _with_spec_attention(model)
+    ViolaAttention.recompute_fusion = variant != "stored"
     model = model.to(device)
+    step_model = model
+    if variant in ("compile", "graphs"):
+        step_model = torch.compile(model, mode="default" if variant == "compile" else "reduce-overhead")
     params = count_parameters(model)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
     x1 = torch.randn(1, 3, *shape, device=device)
@@ -87,14 +93,14 @@ def bench_one(name: str, device: str, precision: str, shape: tuple[int, ...], re
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast:
-            out = model(x2)
+            out = step_model(x2)
             heads = torch.unbind(out, dim=1) if out.dim() == 6 else (out,)
             weights = [0.5**i for i in range(len(heads))]
             loss = sum(w * loss_fn(h.float(), y2) for w, h in zip(weights, heads)) / sum(weights)
         loss.backward()
         opt.step()
 
-    warm = 3 if device == "cuda" else 1
+    warm = (3 if device == "cuda" else 1) + (2 if step_model is not model else 0)  # compilation
     model.eval()
     fwd = _timed(forward, device, repeats, warm)
     # the predictor's path: batch norm folded, and on CUDA replayed as a CUDA graph
@@ -119,6 +125,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--spec", action="store_true", help="add viola_l with the literal spec attention")
+    ap.add_argument("--variants", action="store_true",
+                    help="add viola_l+stored (autograd keeps the attention's full-size fusion: the old training "
+                         "path), viola_l+compile (torch.compile) and viola_l+graphs (compiled, CUDA graphs)")
+    ap.add_argument("--precisions", default="fp32", help="CPU precisions, e.g. fp32,bf16 (CUDA runs both)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -133,9 +143,11 @@ def main() -> None:
     models = args.models.split(",")
     if args.spec:
         models.append("viola_l+spec")
+    if args.variants:
+        models += ["viola_l+stored", "viola_l+compile"] + (["viola_l+graphs"] if args.device != "cpu" else [])
     runs: list[tuple[str, str]] = []
     if args.device in ("cpu", "all"):
-        runs.append(("cpu", "fp32"))
+        runs += [("cpu", p) for p in args.precisions.split(",")]
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         runs += [("cuda", "fp32"), ("cuda", "bf16")]
     print(f"# torch {torch.__version__}, input 1x3x{'x'.join(map(str, shape))} (train step: batch 2)")

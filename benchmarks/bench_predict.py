@@ -1,26 +1,36 @@
 """Prediction benchmark: seconds per full-size phantom scan (512 x 512 x N at ~0.45 mm) end to end,
-for one network and for the paper's 10-member ensemble (5 x viola_l + 5 x nnunet_r), with where
-the time goes (read, preprocess, networks, invert, post-processing).
+for one network and for the paper's 10-member ensemble (5 x viola_l + 5 x nnunet_r), per inference
+backend side by side (the fp32 eager path first, then ratios to it), with where the time goes.
 
-    python benchmarks/bench_predict.py [--device cpu|cuda|all] [--scans 2] [--members 1,10] [--tta]
+    python benchmarks/bench_predict.py [--device cpu|cuda|all] [--scans 2] [--members 1,10]
+        [--backends torch:fp32,torch:bf16,openvino:fp32,openvino:bf16] [--overlap 0.5] [--tta]
+        [--ensemble DIR]
 
 Members carry random weights: the networks' time does not depend on them, but their masks are noise,
 which makes post-processing (connected lesions, ABC/2) slower than on real output; the script also
-times that step on the phantoms' reference masks and prints the end-to-end time with it.
-Preprocessing is the paper's (1 x 1 x 5 mm, three windows), windows 160 x 160 x 16, overlap 0.5,
-Gaussian blending.
+times that step on the phantoms' reference masks and prints the end-to-end time with it
+("realistic"). Preprocessing is the paper's (1 x 1 x 5 mm, three windows, the head's bounding box),
+windows 160 x 160 x 16, Gaussian blending. "first" is the first scan of a freshly loaded ensemble,
+so it includes the OpenVINO conversion when its cache is cold (a fresh cache folder per run).
+
+Accuracy guard (``--ensemble DIR``, a trained ensemble folder): every backend's mask on the same
+full-size phantoms against the fp32 eager mask: Dice and volume ratio (the target is Dice >= 0.99
+and volume within 1 %). Random members give noise masks, on which such a comparison means nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,9 +38,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_catalog.phantoms import generate_phantom
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import save_nifti_like
+from viola_models.backends import InferenceSettings, cpu_bf16_supported, openvino_available
 from viola_models.configs import build_model, model_config
 from viola_models.ensemble import load_ensemble, write_ensemble
 from viola_models.segment import segment_scan
+
+
+def machine() -> str:
+    """CPU model, cores, and the bf16 flags: benchmark numbers are only comparable on one machine."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{name}, {os.cpu_count()} cores, native bf16: {'yes' if cpu_bf16_supported() else 'no'}{gpu}"
 
 
 def make_ensemble(folder: Path, n: int) -> Path:
@@ -49,17 +74,16 @@ def make_ensemble(folder: Path, n: int) -> Path:
     return folder
 
 
-def write_scans(folder: Path, n: int) -> tuple[list[Path], float]:
+def write_scans(folder: Path, n: int, first_seed: int = 100) -> tuple[list[Path], float]:
     """Full-size phantoms; also the median post-processing time on their reference masks."""
     import nibabel as nib
-    import numpy as np
 
     from viola_models.metrics import abc2_volume_ml
     from viola_models.segment import _components
 
     paths, post = [], []
     for i in range(n):
-        ph = generate_phantom(seed=100 + i, size="full")
+        ph = generate_phantom(seed=first_seed + i, size="full")
         ref = nib.Nifti1Image(ph.image, ph.affine)
         path = folder / f"full_{i}.nii.gz"
         save_nifti_like(np.asarray(ph.image, dtype=np.int16), ref, path)
@@ -71,32 +95,49 @@ def write_scans(folder: Path, n: int) -> tuple[list[Path], float]:
     return paths, statistics.median(post)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    ap.add_argument("--scans", type=int, default=2)
-    ap.add_argument("--members", default="1,10")
-    ap.add_argument("--tta", action="store_true")
-    ap.add_argument("--overlap", type=float, default=0.5)
-    args = ap.parse_args()
-    devices = (["cpu"] if args.device in ("cpu", "all") else []) + (
-        ["cuda"] if args.device in ("cuda", "all") and torch.cuda.is_available() else [])
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        scans, post_real = write_scans(tmp / "scans", args.scans)
-        import nibabel as nib
+def _backends(spec: str, device: str) -> list[tuple[str, str]]:
+    if device != "cpu":
+        return [("torch", "auto")]
+    out = []
+    for item in spec.split(","):
+        backend, _, precision = item.partition(":")
+        if backend == "openvino" and not openvino_available():
+            print(f"# {item}: skipped, OpenVINO is not installed (pip install 'viola-ich[openvino]')")
+            continue
+        out.append((backend, precision or "fp32"))
+    return out
 
-        shape = nib.load(scans[0]).shape
-        print(f"# torch {torch.__version__}; {args.scans} full-size phantom scan(s), e.g. {shape}; "
-              f"overlap {args.overlap}; cpu threads {torch.get_num_threads()}" +
-              (f"; cuda {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-        print(f"# post-processing on the reference masks: {post_real:.3f} s per scan")
-        print(f"{'device':<7}{'members':>8}{'s/scan':>9}{'realistic':>10}  breakdown (median s)")
-        for n in (int(v) for v in args.members.split(",")):
-            ens_dir = make_ensemble(tmp / f"ens{n}", n)
-            for device in devices:
-                ens = load_ensemble(ens_dir, device=device)
-                segment_scan(scans[0], ens, overlap=args.overlap, tta=args.tta)  # warm-up: graph capture, caches
+
+def _windows(shape: tuple[int, ...], patch=(160, 160, 16), overlap: float = 0.5) -> int:
+    """Sliding windows per scan (MONAI's placement: starts every patch * (1 - overlap), the last flush)."""
+    count = 1
+    for size, p in zip(shape, patch):
+        step = max(1, int(p * (1 - overlap)))
+        count *= len({min(start, max(size - p, 0)) for start in range(0, max(size, p), step)})
+    return count
+
+
+def speed(args, scans: list[Path], post_real: float, tmp: Path, devices: list[str]) -> None:
+    from data_catalog.preprocessing import preprocess_arrays
+    from data_catalog.scans import read_image
+
+    image, info = read_image(scans[0])
+    pre_shape = preprocess_arrays(image, info.affine, None, PreprocessSettings()).image.shape[1:]
+    n_win = _windows(pre_shape, overlap=args.overlap) * (4 if args.tta else 1)
+    print(f"# preprocessed (head's bounding box) {tuple(pre_shape)}: {n_win} windows per member per scan")
+    print(f"{'device':<7}{'members':>8}{'backend':>16}{'first':>8}{'s/scan':>9}{'ratio':>7}{'realistic':>10}"
+          f"{'s/window':>10}  breakdown (median s)")
+    for n in (int(v) for v in args.members.split(",")):
+        ens_dir = make_ensemble(tmp / f"ens{n}", n)
+        for device in devices:
+            base = None
+            for backend, precision in _backends(args.backends, device):
+                cache = Path(tempfile.mkdtemp(dir=tmp))  # cold conversion cache: "first" shows its cost
+                t0 = time.perf_counter()
+                ens = load_ensemble(ens_dir, device=device, inference=InferenceSettings(
+                    backend=backend, precision=precision, cache_dir=cache))
+                segment_scan(scans[0], ens, overlap=args.overlap, tta=args.tta)  # conversion, graph capture
+                first = time.perf_counter() - t0
                 totals, parts = [], []
                 for path in scans:
                     t0 = time.perf_counter()
@@ -104,12 +145,73 @@ def main() -> None:
                     totals.append(time.perf_counter() - t0)
                     parts.append(seg.timings)
                 med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+                total = statistics.median(totals)
+                base = base or total
                 detail = ", ".join(f"{k} {v:.2f}" for k, v in med.items())
-                real = statistics.median(totals) - med["post"] + post_real
-                print(f"{device:<7}{n:>8}{statistics.median(totals):>9.2f}{real:>10.2f}  {detail}", flush=True)
+                real = total - med["post"] + post_real
+                per_window = med["networks"] / (n * n_win)
+                print(f"{device:<7}{n:>8}{backend + ':' + precision:>16}{first:>8.1f}{total:>9.2f}{total / base:>7.2f}"
+                      f"{real:>10.2f}{per_window:>10.3f}  {detail}", flush=True)
                 del ens
                 if device == "cuda":
                     torch.cuda.empty_cache()
+
+
+def accuracy(args, tmp: Path) -> None:
+    """Masks of every backend against the fp32 eager mask, with a trained ensemble."""
+    from data_catalog.preprocessing import preprocess_arrays
+    from viola_models.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
+
+    pairs = [("torch", "fp32")] + [b for b in _backends(args.backends, "cpu") if b != ("torch", "fp32")]
+    loaded = {b: load_ensemble(args.ensemble, inference=InferenceSettings(
+        backend=b[0], precision=b[1], cache_dir=tmp / "acc_cache")) for b in pairs}
+    print(f"# accuracy guard: {args.ensemble} on {args.scans} full-size phantom(s), overlap {args.overlap}")
+    print(f"{'phantom':>8}{'backend':>16}{'voxels':>9}{'dice':>8}{'volume':>8}")
+    worst_dice, worst_vol = {}, {}
+    for i in range(args.scans):
+        ph = generate_phantom(seed=900 + i, size="full")
+        case = preprocess_arrays(ph.image, ph.affine, None, loaded[pairs[0]].preprocess)
+        ref = None
+        for b, ens in loaded.items():
+            out = predict_ensemble(ens.members, case.image, overlap=args.overlap, tta=args.tta,
+                                   predictors=ens.predictors)
+            mask = (out.mean_prob >= FOREGROUND_THRESHOLD).numpy()
+            ref = mask if ref is None else ref
+            both = int(mask.sum() + ref.sum())
+            dice = 2.0 * int((mask & ref).sum()) / both if both else 1.0
+            vol = mask.sum() / ref.sum() if ref.sum() else float(mask.sum() == 0)
+            worst_dice[b] = min(worst_dice.get(b, 1.0), dice)
+            worst_vol[b] = max(worst_vol.get(b, 0.0), abs(vol - 1.0))
+            print(f"{900 + i:>8}{b[0] + ':' + b[1]:>16}{int(mask.sum()):>9}{dice:>8.4f}{vol:>8.4f}", flush=True)
+    for b in pairs[1:]:
+        ok = worst_dice[b] >= 0.99 and worst_vol[b] <= 0.01
+        print(f"# {b[0]}:{b[1]}: worst Dice {worst_dice[b]:.4f}, worst volume change {100 * worst_vol[b]:.2f} % "
+              f"-> {'within' if ok else 'OUTSIDE'} the guard")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--scans", type=int, default=2)
+    ap.add_argument("--members", default="1,10")
+    ap.add_argument("--backends", default="torch:fp32,torch:bf16,openvino:fp32,openvino:bf16",
+                    help="CPU backends as backend:precision, the first is the baseline of the ratios")
+    ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--overlap", type=float, default=0.5)
+    ap.add_argument("--ensemble", type=Path, default=None, help="a trained ensemble: accuracy guard only")
+    args = ap.parse_args()
+    print(f"# {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; overlap {args.overlap}"
+          f"{'; TTA' if args.tta else ''}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.ensemble is not None:
+            accuracy(args, tmp)
+            return
+        devices = (["cpu"] if args.device in ("cpu", "all") else []) + (
+            ["cuda"] if args.device in ("cuda", "all") and torch.cuda.is_available() else [])
+        scans, post_real = write_scans(tmp / "scans", args.scans)
+        print(f"# {args.scans} full-size phantom scan(s); post-processing on the reference masks: {post_real:.3f} s")
+        speed(args, scans, post_real, tmp, devices)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,12 @@ def predict(
     tta: Annotated[bool, typer.Option(help="flip test-time augmentation (4x slower)")] = False,
     overlays: Annotated[bool, typer.Option(help="PNG overlays on the three-window view")] = False,
     overlap: Annotated[float, typer.Option(min=0.0, max=0.9, help="sliding-window overlap")] = 0.5,
+    backend: Annotated[str | None, typer.Option(
+        help="CPU backend: auto (OpenVINO when installed), torch or openvino (default: the profile's [inference])")
+    ] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="CPU precision: auto (bf16 where the CPU has it natively), fp32 or bf16 (default: the profile's)")
+    ] = None,
     profile: Annotated[str, typer.Option(help="profile whose registry model / data root to use")] = "demo",
     data: Annotated[Path | None, typer.Option(help="data root for --round (default: the profile's)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
@@ -193,7 +199,11 @@ def predict(
     import tempfile
     import time
 
+    import torch
+    from pydantic import ValidationError
+
     from flows.profiles import ProfileError, load_profile
+    from viola_models.backends import resolve_backend
     from viola_models.ensemble import load_ensemble
     from viola_models.predictors import resolve_device
     from viola_models.segment import predict_folder
@@ -206,15 +216,24 @@ def predict(
 
     try:
         settings = load_profile(profile, data)
+        changes = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
+        try:
+            inference = settings.inference.model_validate(settings.inference.model_dump() | changes)
+            chosen = resolve_backend(inference, torch.device(device))
+        except ValidationError as e:
+            _fail(f"--{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        except ValueError as e:
+            _fail(str(e))
         with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:  # a registry download, removed after loading
             folder = resolve_ensemble_dir(model, round, checkpoints, settings.work_dir,
                                           settings.tracking.registered_model, tracking_uri, Path(tmp))
-            ensemble = load_ensemble(folder, device=device)
+            ensemble = load_ensemble(folder, device=device, inference=inference)
     except (*_KNOWN, ProfileError, TrackingUnavailable) as e:
         _fail(str(e))
     source = checkpoints or (f"round {round}" if round is not None else model or
                              f"models:/{settings.tracking.registered_model}@champion")
-    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}")
+    how = f" ({chosen[0]}, {chosen[1]})" if device == "cpu" else ""
+    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}{how}")
 
     def progress(i: int, n: int, row: dict) -> None:
         if row["status"] == "ok":

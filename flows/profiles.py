@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.selection import SelectionRule
 from tasks.compute import ComputeSettings
+from viola_models.backends import InferenceSettings
 from viola_models.training import TrainSettings
 
 __all__ = ["PipelineSettings", "ProfileError", "load_profile", "parse_overrides", "profile_names"]
@@ -136,6 +137,7 @@ class PipelineSettings(BaseModel):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     device: str = "auto"  # auto: CUDA when present
 
     @model_validator(mode="after")
@@ -172,9 +174,17 @@ class PipelineSettings(BaseModel):
 
     def digest(self) -> str:
         """A hash of everything that decides a round's result (not where it runs or when)."""
-        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name", "tracking", "compute"})
+        # how members run (compute, inference) changes a round's numbers by float rounding at most
+        data = self.model_dump(mode="json", exclude={"schedule", "device", "round", "name", "tracking", "compute",
+                                                     "inference"})
         data["data"].pop("root", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def inference_settings(self) -> InferenceSettings:
+        """``[inference]`` with its cache folder defaulting to the work folder's ``openvino/``."""
+        if self.inference.cache_dir is not None:
+            return self.inference
+        return self.inference.model_copy(update={"cache_dir": self.work_dir / "openvino"})
 
     @property
     def work_dir(self) -> Path:

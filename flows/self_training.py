@@ -38,6 +38,7 @@ from tasks.rounds import (
 )
 from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
+from viola_models.backends import InferenceSettings
 from viola_models.predictors import resolve_device
 
 __all__ = ["label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
@@ -61,6 +62,7 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     t_start = time.perf_counter()
     device = str(resolve_device(settings.device))
     root, work, cache = settings.data.root, settings.work_dir, settings.work_dir / "cache"
+    inference = settings.inference_settings()
     plan = plan_round(work, arm, round_, data["catalog_hash"], settings.digest(), settings.round.skip_unchanged,
                       force)
     r = plan.round
@@ -84,11 +86,11 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
         if settings.compute.runner == "ray":  # the masks made side by side; selected and tracked below
             label_unlabelled.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
                 Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo", cache,
-                settings.pseudo.overlap, settings.pseudo.tta, settings.compute, settings.device)
+                settings.pseudo.overlap, settings.pseudo.tta, settings.compute, settings.device, inference)
         selected = pseudo_label(r, Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo",
                                 root, cache, settings.pseudo.rule, tracking_uri, run_id,
                                 overlap=settings.pseudo.overlap, tta=settings.pseudo.tta, device=device,
-                                n_overlays=settings.pseudo.overlays,
+                                n_overlays=settings.pseudo.overlays, inference=inference,
                                 weight_by_predicted_dice=settings.student.pseudo_weight == "predicted_dice")
         pseudo = preprocess_pairs(selected, cache, settings.preprocess)
     elif arm == "oracle":
@@ -103,7 +105,7 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     calib = {"calibration": None, "points": ""}
     if arm == "self-training":  # only this arm's ensemble teaches the next round
         calib = calibrate(groups, settings.pseudo.rule, settings.pseudo.calibration.overlap, rdir, tracking_uri,
-                          run_id, r, device=device)
+                          run_id, r, device=device, inference=inference)
     ens_dir = assemble_ensemble(rdir / "ensemble", members, settings.preprocess, calib["calibration"],
                                 calib["points"], round=r, arm=arm, profile=settings.name,
                                 patch_size=list(settings.train_settings(r, settings.members.architectures[0],
@@ -113,14 +115,14 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     rows = None
     if settings.compute.runner == "ray" and by_role["test"]:  # scored side by side, tracked below
         rows = score_test_scans.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
-            Path(ens_dir), by_role["test"], cache, settings.compute, settings.device, **evaluate)
+            Path(ens_dir), by_role["test"], cache, settings.compute, settings.device, inference, **evaluate)
     test = evaluate_round(Path(ens_dir), by_role["test"], cache, rdir / "test_metrics.csv", tracking_uri, run_id, r,
-                          device=device, rows=rows, **evaluate)
+                          device=device, rows=rows, inference=inference, **evaluate)
     reg = None
     if arm == "self-training":
         reg = register_ensemble(Path(ens_dir), settings.tracking.registered_model, tracking_uri, run_id, r,
                                 test.get("test/dsc"), data["test_set_hash"], by_role["test"], cache, evaluate,
-                                device=device)
+                                device=device, inference=inference)
     seconds = time.perf_counter() - t_start
     metrics = {"members/mean_val_dice": sum(m["val_dice"] for m in members) / len(members), "round/seconds": seconds,
                "round/n_members": len(members), "round/n_train_labelled": len(labelled),
@@ -157,19 +159,23 @@ def _per_share(task, scans: dict[str, dict], compute: ComputeSettings, **kwargs)
 
 @flow(name="label-unlabelled")
 def label_unlabelled(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
-                     overlap: float, tta: bool, compute: ComputeSettings, device: str) -> int:
+                     overlap: float, tta: bool, compute: ComputeSettings, device: str,
+                     inference: InferenceSettings | None = None) -> int:
     """The teacher's masks of the unlabelled scans, in one share per slot of the cluster (the
     members' resources each), side by side; the pseudo-label task then selects from them."""
     return sum(_per_share(label_chunk, scans, compute, teacher_dir=teacher_dir, teacher_run_id=teacher_run_id,
-                          out_dir=out_dir, cache=cache, overlap=overlap, tta=tta, device=device))
+                          out_dir=out_dir, cache=cache, overlap=overlap, tta=tta, device=device,
+                          inference=inference))
 
 
 @flow(name="score-test-scans")
 def score_test_scans(ensemble_dir: Path, scans: dict[str, dict], cache: Path, compute: ComputeSettings, device: str,
-                     overlap: float, tta: bool, nsd_tolerance_mm: float) -> list[dict]:
+                     inference: InferenceSettings | None, overlap: float, tta: bool,
+                     nsd_tolerance_mm: float) -> list[dict]:
     """The ensemble's per-scan test rows, in one share per slot of the cluster, side by side."""
     return [row for rows in _per_share(score_chunk, scans, compute, ensemble_dir=ensemble_dir, cache=cache,
-                                       overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm, device=device)
+                                       overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm, device=device,
+                                       inference=inference)
             for row in rows]
 
 

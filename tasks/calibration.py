@@ -13,6 +13,7 @@ from data_catalog.overlays import calibration_png
 from data_catalog.scans import atomic_write
 from data_catalog.selection import SelectionRule, fit_calibration
 from tasks import tracking
+from viola_models.backends import InferenceSettings
 from viola_models.quality import SCORE_NAMES, out_of_fold_scores
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,14 @@ log = logging.getLogger(__name__)
 
 @task(name="calibrate")
 def calibrate(groups: list[tuple[str, list[str], list[str]]], rule: SelectionRule, overlap: float,
-              out_dir: Path, tracking_uri: str, run_id: str, round_: int, device: str = "cpu") -> dict:
+              out_dir: Path, tracking_uri: str, run_id: str, round_: int, device: str = "cpu",
+              inference: InferenceSettings | None = None) -> dict:
     """Score the out-of-fold ensembles (``groups``: fold name, its members' checkpoints, its
     validation cases), fit the calibration of ``rule.score``, log points (CSV), curve (PNG) and
     rank correlations to the round's run. Returns {"calibration": dict, "points": CSV path}."""
     out_dir = Path(out_dir)
     points = out_of_fold_scores([(f, [Path(p) for p in c], [Path(p) for p in v]) for f, c, v in groups],
-                                device=device, overlap=overlap)
+                                device=device, overlap=overlap, inference=inference)
     csv = out_dir / "calibration.csv"
     if not len(points):
         log.warning("no out-of-fold validation scans: the selection score stays uncalibrated")

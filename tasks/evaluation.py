@@ -12,6 +12,7 @@ from prefect import task
 from data_catalog.scans import atomic_write
 from tasks import tracking
 from tasks.compute import worker_device
+from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.evaluation import evaluate_scans, means_of
 
@@ -20,10 +21,12 @@ log = logging.getLogger(__name__)
 
 @task(name="score-scans")
 def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap: float = 0.5, tta: bool = False,
-                nsd_tolerance_mm: float = 0.42, device: str = "auto", threads: int | None = None) -> list[dict]:
+                nsd_tolerance_mm: float = 0.42, device: str = "auto", threads: int | None = None,
+                inference: InferenceSettings | None = None) -> list[dict]:
     """Score the ensemble on a share of the test scans on this worker; the per-scan rows, untracked."""
-    table, _ = evaluate_scans(load_ensemble(Path(ensemble_dir), device=worker_device(device, threads)), scans,
-                              cache_dir=Path(cache), overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
+    ensemble = load_ensemble(Path(ensemble_dir), device=worker_device(device, threads), inference=inference)
+    table, _ = evaluate_scans(ensemble, scans, cache_dir=Path(cache), overlap=overlap, tta=tta,
+                              nsd_tolerance_mm=nsd_tolerance_mm)
     return table.to_dict("records")
 
 
@@ -41,6 +44,7 @@ def evaluate_round(
     nsd_tolerance_mm: float = 0.42,
     device: str = "cpu",
     rows: list[dict] | None = None,
+    inference: InferenceSettings | None = None,
 ) -> dict[str, float]:
     """Score the ensemble on the test scans; logs the per-case table (``test/per_case.csv``) and the
     means (``test/dsc``, ``test/hd``, ``test/nsd``, ``test/rvd``) to ``run_id``; returns the means.
@@ -50,7 +54,8 @@ def evaluate_round(
         return {}
     t0 = time.perf_counter()
     if rows is None:
-        table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device), scans, cache_dir=Path(cache),
+        table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device, inference=inference), scans,
+                                      cache_dir=Path(cache),
                                       overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
     else:  # scored side by side (score_chunk): the same table, in the same order
         table = pd.DataFrame(rows).sort_values("scan_id", kind="stable").reset_index(drop=True)

@@ -18,6 +18,7 @@ from data_catalog.scans import read_image
 from data_catalog.selection import SelectionRule, select_pseudo_labels
 from tasks import tracking
 from tasks.compute import worker_device
+from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
 
@@ -26,13 +27,14 @@ log = logging.getLogger(__name__)
 
 @task(name="label-scans")
 def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
-                overlap: float = 0.5, tta: bool = False, device: str = "auto", threads: int | None = None) -> int:
+                overlap: float = 0.5, tta: bool = False, device: str = "auto", threads: int | None = None,
+                inference: InferenceSettings | None = None) -> int:
     """Segment a share of the unlabelled scans with the teacher on this worker (masks and records in
     ``out_dir``, which :func:`pseudo_label` reads back instead of predicting again). Nothing is
     tracked here; returns how many scans have a mask."""
     dev = worker_device(device, threads)
-    table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev), scans, Path(out_dir), teacher_run_id,
-                        cache_dir=Path(cache), overlap=overlap, tta=tta)
+    table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev, inference=inference), scans,
+                        Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta)
     return int((table.get("error", pd.Series(dtype=str)) == "").sum()) if len(table) else 0
 
 
@@ -60,6 +62,7 @@ def pseudo_label(
     device: str = "cpu",
     n_overlays: int = 4,
     weight_by_predicted_dice: bool = False,
+    inference: InferenceSettings | None = None,
 ) -> list[dict]:
     """Label, select, record. Returns the selected pseudo-labels as training pairs:
     [{"scan_id", "image", "image_hash", "label", "label_hash", "weight"}]; ``weight`` is the
@@ -68,7 +71,7 @@ def pseudo_label(
     teacher: list = []
 
     def load():
-        teacher.append(load_ensemble(Path(teacher_dir), device=device))
+        teacher.append(load_ensemble(Path(teacher_dir), device=device, inference=inference))
         return teacher[0]
 
     table = label_scans(load, scans, Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta)

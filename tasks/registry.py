@@ -19,6 +19,7 @@ import mlflow
 from prefect import task
 
 from tasks import tracking
+from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.evaluation import evaluate_scans
 
@@ -33,12 +34,13 @@ def _dsc(tags: dict) -> float:
 
 
 def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evaluate: dict, device: str,
-             test_set_hash: str) -> float:
+             test_set_hash: str, inference: InferenceSettings | None = None) -> float:
     """Score the champion's ensemble on the current test set and record it on its version."""
     folder = tracking.download_ensemble(f"models:/{model_name}/{champion.version}", client.tracking_uri)
     # the champion may preprocess otherwise than this round: its cases are looked up by its own settings
     plain = {k: {f: v for f, v in scan.items() if f != "cache"} for k, scan in scans.items()}
-    _, means = evaluate_scans(load_ensemble(folder, device=device), plain, cache_dir=cache, **evaluate)
+    ensemble = load_ensemble(folder, device=device, inference=inference)
+    _, means = evaluate_scans(ensemble, plain, cache_dir=cache, **evaluate)
     dsc = float(means.get("dsc", math.nan))
     for key, value in {"test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash,
                        "rescored_at": datetime.now(UTC).isoformat(timespec="seconds")}.items():
@@ -50,7 +52,7 @@ def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evalua
 @task(name="register-ensemble")
 def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, run_id: str, round_: int,
                       test_dsc: float | None, test_set_hash: str, test_scans: dict, cache: Path,
-                      evaluate: dict, device: str = "cpu") -> dict:
+                      evaluate: dict, device: str = "cpu", inference: InferenceSettings | None = None) -> dict:
     """Log the ensemble folder as the round run's ``ensemble`` artifact (its manifest and
     calibration: each member's checkpoint is stored once, on the member's run), register it, and
     decide the champion. ``evaluate``: keyword settings of ``evaluate_scans`` (overlap, tta, nsd_tolerance_mm),
@@ -83,7 +85,7 @@ def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, ru
         rescored = champion.tags.get("test_set_hash") != test_set_hash
         if rescored:
             champ_dsc = _rescore(client, model_name, champion, test_scans, Path(cache), evaluate, device,
-                                 test_set_hash)
+                                 test_set_hash, inference)
         where = f"on test set {test_set_hash}" + (" (champion re-scored)" if rescored else "")
         promote = math.isnan(champ_dsc) or dsc >= champ_dsc
         reason = (f"DSC {dsc:.4f} {'>=' if promote else '<'} champion v{champion.version}'s {champ_dsc:.4f} "

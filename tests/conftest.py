@@ -27,6 +27,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_tmp(tmp_path_factory):
+    """Converted OpenVINO networks go to a session folder, not the user's cache (subprocesses inherit it)."""
+    os.environ["VIOLA_CACHE_DIR"] = str(tmp_path_factory.mktemp("viola_cache"))
+
+
 @pytest.fixture(scope="session")
 def ensemble_dir(tmp_path_factory) -> Path:
     """Two tiny members trained for a few steps on toy heads, assembled into an ensemble folder."""

@@ -223,10 +223,32 @@ def test_attention_matches_the_spec_transcription(channels, spatial):
     xs = x.clone().requires_grad_()
     ya, ys = att(xa), spec(xs)
     assert torch.allclose(ya, ys, atol=1e-5, rtol=1e-4)
-    ga = torch.autograd.grad(ya.square().sum(), [xa, *att.ddcm_weights])
-    gs = torch.autograd.grad(ys.square().sum(), [xs, *att.ddcm_weights])
+    params = [xa, *att.parameters()]
+    ga = torch.autograd.grad(ya.square().sum(), params)
+    gs = torch.autograd.grad(ys.square().sum(), [xs, *att.parameters()], allow_unused=True)
     for a, s in zip(ga, gs):
         assert torch.allclose(a, s, atol=1e-4, rtol=1e-3)
+
+
+def test_attention_fusion_backward_is_the_exact_gradient():
+    """The full-size fusion recomputes A' in its backward: its gradients are those of the formula."""
+    from viola_models.attention import _AttentionFusion
+
+    torch.manual_seed(0)
+    b, c, h, w, d = 2, 3, 4, 5, 3
+    shapes = [(b, c, h, w, d), (b, c, h, w, 1), (b, c, 1, 1, d), (b, c, h, w, 1), (b, c, 1, 1, d), (b, c, h, w, 1)]
+    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    assert torch.autograd.gradcheck(_AttentionFusion.apply, inputs)
+
+    def formula(x, u, t_d, q, s_d, base):
+        att = torch.relu(u + t_d) + q * s_d + base
+        return x * att * (1 + 1 / att.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1))
+
+    g = torch.randn(shapes[0], dtype=torch.float64)
+    fused = torch.autograd.grad(_AttentionFusion.apply(*inputs), inputs, g)
+    plain = torch.autograd.grad(formula(*inputs), inputs, g)
+    for a, e in zip(fused, plain):
+        assert torch.allclose(a, e, atol=1e-10)
 
 
 def test_attention_dropout_is_active_in_training_only():

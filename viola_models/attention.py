@@ -90,6 +90,10 @@ class ViolaAttention(nn.Module):
         convolution after SiLU; ``group_norm``: GroupNorm(2, C) of the tanh gate.
     """
 
+    #: training: recompute the full-size fusion in the backward (``_AttentionFusion``) rather than let
+    #: autograd store it; False keeps plain autograd (benchmarks compare the two)
+    recompute_fusion: bool = True
+
     def __init__(self, channels: int, ddcm_dropout: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         if channels < 2 or channels % 2:
@@ -169,9 +173,7 @@ class ViolaAttention(nn.Module):
         mean_d = x.mean(dim=4, dtype=torch.float32)  # (B, C, H, W)
         pooled = (mean_d.mean(dim=3), mean_d.mean(dim=2), x.mean(dim=(2, 3), dtype=torch.float32))  # (B, C, L)
         # rows = positions, channels last: (3, B, Lmax, C), the axes zero-padded to one length
-        desc = torch.zeros(3, b, l_max, c, device=x.device, dtype=torch.float32)
-        for i, p in enumerate(pooled):
-            desc[i, :, : lengths[i]] = p.transpose(1, 2)
+        desc = torch.stack([F.pad(p.transpose(1, 2), (0, 0, 0, l_max - n)) for p, n in zip(pooled, lengths)])
         desc = F.layer_norm(desc, (c,), eps=self.eps)  # over channels, per position; gain below
         rows = desc.view(3, b * l_max, c)
         if self.training or torch.is_grad_enabled():
@@ -220,12 +222,65 @@ class ViolaAttention(nn.Module):
         base = (p * 0.1 + 0.3).to(dt)
         t_d, s_d = t_d.to(dt), s_d.to(dt)
         if torch.is_grad_enabled():
+            if self.recompute_fusion:  # the full-size A' is recomputed in the backward instead of stored
+                return _AttentionFusion.apply(x, u, t_d, q, s_d, base)
             att = torch.relu(u + t_d) + torch.addcmul(base, q, s_d)
-        else:  # one full-size allocation, everything else in place
-            att = torch.add(u, t_d).relu_().addcmul_(q, s_d).add_(base)
+            norm = torch.linalg.vector_norm(att.flatten(1), dim=1, dtype=_acc(att)).view(b, 1, 1, 1, 1)
+            return x * att * (1.0 + 1.0 / norm).to(dt)
+        att = torch.add(u, t_d).relu_().addcmul_(q, s_d).add_(base)  # one full-size allocation, in place
         norm = torch.linalg.vector_norm(att.view(b, -1), dim=1, dtype=torch.float32).view(b, 1, 1, 1, 1)
         # A'' = A' + A' / ||A'||; A' >= 0.3 everywhere, so the norm is never zero
         scale = (1.0 + 1.0 / norm).to(dt)
-        if torch.is_grad_enabled():
-            return x * att * scale
         return att.mul_(x).mul_(scale)
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of reductions over ``t``: float32, or float64 for float64 input."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the axes where ``like`` broadcasts (size 1), accumulated in float32 at least."""
+    dims = tuple(i for i, n in enumerate(like.shape) if n == 1 and t.shape[i] != 1)
+    return (t.sum(dims, keepdim=True, dtype=_acc(t)) if dims else t).to(like.dtype)
+
+
+def _fuse(u, t_d, q, s_d, base) -> tuple[torch.Tensor, torch.Tensor]:
+    """A' = ReLU(u + t_d) + q s_d + base (full size) and its L2 norm per sample, (B, 1, 1, 1, 1), float32 at least."""
+    att = torch.add(u, t_d).relu_().addcmul_(q, s_d).add_(base)
+    norm = torch.linalg.vector_norm(att.flatten(1), dim=1, dtype=_acc(att))
+    return att, norm.view(-1, *([1] * (att.dim() - 1)))
+
+
+class _AttentionFusion(torch.autograd.Function):
+    """y = x * A' * (1 + 1 / ||A'||) with A' = ReLU(u + t_d) + q s_d + base, where only ``x`` is
+    full size and the other inputs broadcast against it ((B, C, H, W, 1) and (B, C, 1, 1, D)).
+
+    Autograd would keep A', the ReLU mask and the products (several full-size tensors per module);
+    this saves ``x`` and the small inputs and recomputes A' in the backward (a few elementwise
+    passes), with its gradient:
+
+        dA' = g x s - (sum(g x A') / ||A'||^3) A',   s = 1 + 1 / ||A'||
+        dx = g A' s;   du, dt_d = dA' [u + t_d > 0] (summed to their shapes);
+        dq = dA' s_d;  ds_d = dA' q;  dbase = dA'
+    """
+
+    @staticmethod
+    def forward(ctx, x, u, t_d, q, s_d, base):
+        att, norm = _fuse(u, t_d, q, s_d, base)
+        ctx.save_for_backward(x, u, t_d, q, s_d, base)
+        return att.mul_(x).mul_((1.0 + 1.0 / norm).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, u, t_d, q, s_d, base = ctx.saved_tensors
+        att, norm = _fuse(u, t_d, q, s_d, base)
+        scale = (1.0 + 1.0 / norm).to(x.dtype)
+        gx = g * x  # g x: both the A' gradient's first term and the norm term's sum need it
+        total = (gx * att).flatten(1).sum(1, dtype=norm.dtype).view_as(norm)
+        d_att = (gx * scale).sub_(att * (total / norm.pow(3)).to(att.dtype))
+        grad_x = (g * att).mul_(scale) if ctx.needs_input_grad[0] else None
+        active = (u + t_d) > 0
+        d_relu = d_att * active
+        return (grad_x, _sum_to(d_relu, u), _sum_to(d_relu, t_d), _sum_to(d_att * s_d, q),
+                _sum_to(d_att * q, s_d), _sum_to(d_att, base))

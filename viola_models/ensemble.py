@@ -31,6 +31,7 @@ from torch import nn
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import atomic_write
 from data_catalog.selection import Calibration, fit_calibration
+from viola_models.backends import InferenceSettings
 from viola_models.configs import build_from_config
 from viola_models.sliding_window import make_predictors
 
@@ -201,8 +202,10 @@ def read_manifest(folder: Path) -> dict:
     return data
 
 
-def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = True) -> Ensemble:
-    """Load an ensemble folder: every member network, ready to predict on ``device``."""
+def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = True,
+                  inference: InferenceSettings | None = None) -> Ensemble:
+    """Load an ensemble folder: every member network, ready to predict on ``device`` (on a CPU
+    with the backend and precision of ``inference``; default: detected)."""
     folder = Path(folder)
     data = read_manifest(folder)
     device = torch.device(device)
@@ -212,5 +215,5 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = 
     log.info("ensemble of %d member(s) on %s, patch size(s) %s", len(members), device, sorted(sizes))
     meta = {k: v for k, v in data.items() if k not in ("members", "preprocess", "calibration", "checkpoints")}
     return Ensemble(members=members, preprocess=data["preprocess"], device=device,
-                    predictors=make_predictors(members, device, amp), source=str(folder),
+                    predictors=make_predictors(members, device, amp, inference), source=str(folder),
                     calibration=data.get("calibration"), calibration_points=points, meta=meta)

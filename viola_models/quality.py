@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from data_catalog.preprocessing import load_preprocessed
+from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_member
 from viola_models.sliding_window import FOREGROUND_THRESHOLD, make_predictors, predict_ensemble
 
@@ -113,6 +114,7 @@ def out_of_fold_scores(
     groups: Sequence[tuple[str, Sequence[Path], Sequence[Path]]],
     device: torch.device | str = "cpu",
     overlap: float = 0.5,
+    inference: InferenceSettings | None = None,
 ) -> pd.DataFrame:
     """Confidence scores and true Dice of out-of-fold ensembles.
 
@@ -127,7 +129,7 @@ def out_of_fold_scores(
         if not checkpoints or not cases:
             continue
         members = [load_member(Path(p)) for p in checkpoints]
-        predictors = make_predictors(members, device)
+        predictors = make_predictors(members, device, inference=inference)
         for case_path in cases:
             case = load_preprocessed(Path(case_path))
             if case.label is None:

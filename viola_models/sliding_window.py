@@ -9,6 +9,7 @@ softmax probabilities averaged over members; a voxel is foreground when its prob
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,13 +19,16 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from viola_models.predictors import as_predictor
+from viola_models.backends import InferenceSettings, OpenVINOForward, resolve_backend
+from viola_models.predictors import as_predictor, fold_batch_norm
 
 if TYPE_CHECKING:  # annotations only: member checkpoints are read in viola_models.ensemble, which uses this module
     from viola_models.ensemble import MemberCheckpoint
 
 __all__ = ["FOREGROUND_THRESHOLD", "EnsembleOutput", "make_predictors", "predict_ensemble",
            "sliding_window_probability"]
+
+log = logging.getLogger(__name__)
 
 FOREGROUND_THRESHOLD = 0.5  # probability at which a voxel is blood, everywhere a mask is made
 
@@ -98,9 +102,19 @@ def predict_ensemble(
 
 
 def make_predictors(
-    members: Sequence[tuple[nn.Module, MemberCheckpoint]], device: torch.device, amp: bool = True
+    members: Sequence[tuple[nn.Module, MemberCheckpoint]], device: torch.device, amp: bool = True,
+    inference: InferenceSettings | None = None,
 ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """Evaluation callables for the members on ``device`` (batch norm folded; CUDA graphs and
-    bf16 autocast on GPUs that support it)."""
-    dtype = torch.bfloat16 if amp and device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    """Evaluation callables for the members on ``device``: batch norm folded; on GPUs CUDA graphs
+    and bf16 autocast where supported (``amp``); on the CPU the backend and precision of
+    ``inference`` (:func:`viola_models.backends.resolve_backend`; default: detected)."""
+    inference = inference or InferenceSettings()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else None
+        return [as_predictor(model, device, dtype) for model, _ in members]
+    backend, precision = resolve_backend(inference, device)
+    log.info("members run on %s with %s at %s", device, backend, precision)
+    if backend == "openvino":
+        return [OpenVINOForward(fold_batch_norm(model), precision, inference.cache_dir) for model, _ in members]
+    dtype = torch.bfloat16 if precision == "bf16" and device.type == "cpu" else None
     return [as_predictor(model, device, dtype) for model, _ in members]

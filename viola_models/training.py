@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from data_catalog.preprocessing import load_preprocessed
 from data_catalog.scans import atomic_write
+from viola_models.backends import cpu_bf16_supported
 from viola_models.configs import build_from_config, count_parameters, model_config
 from viola_models.sliding_window import FOREGROUND_THRESHOLD, sliding_window_probability
 
@@ -104,7 +105,13 @@ class TrainSettings(BaseModel):
     val_every: int = 200
     val_overlap: float = 0.5
     pos_neg_ratio: tuple[float, float] = (1.0, 1.0)
-    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a grad scaler
+    # bf16 autocast where the device has it natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp16
+    # with a grad scaler on older GPUs; fp32 on other CPUs
+    amp: bool = True
+    # torch.compile of the training forward and backward: "default" fuses the elementwise work (the
+    # viola attention's above all); "reduce-overhead" also replays each step as a CUDA graph (static
+    # shapes: every batch has the patch size). Same arithmetic as eager up to float rounding.
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
@@ -294,9 +301,13 @@ def validate(model: torch.nn.Module, val_items: Sequence[Path], settings: TrainS
 
 
 def _amp_dtype(settings: TrainSettings, device: torch.device) -> torch.dtype | None:
-    if not settings.amp or device.type != "cuda":
+    """bf16 where the device computes it natively (CUDA, or a CPU with AVX512-BF16 / AMX), fp16 on
+    older GPUs, else None (fp32)."""
+    if not settings.amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16_supported() else None
 
 
 def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -430,6 +441,7 @@ def fit(
                       "rng": _rng_state(), "digest": digest}, last)
 
     model.train()
+    forward = model if settings.compile == "off" else torch.compile(model, mode=settings.compile)
     while step < settings.max_steps:
         batch = next(batches)
         lr = lr_at(step, settings)
@@ -438,7 +450,7 @@ def fit(
         image, label = batch["image"].to(device), batch["label"].to(device)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(image)
+            out = forward(image)
         loss = deep_supervision_loss(out, label, loss_fn, batch["weight"].to(device))
         scaler.scale(loss).backward()
         if settings.grad_clip:
