@@ -11,7 +11,7 @@ SGD step), and peak memory (CUDA: max allocated; CPU: peak resident set of a fre
 model). ``--spec`` adds viola_l with its attention replaced by the literal, operation-by-operation
 transcription of the spec (tests/spec_attention.py), i.e. the authors' way of computing it.
 ``--variants`` adds the training paths of viola_l side by side: ``+stored`` (plain autograd keeps
-the attention's full-size fusion: the old path), the default (recomputed in the backward), and
+the attention's full-size fusion: the old path), the default (on CUDA recomputed in the backward), and
 ``+compile`` / ``+graphs`` (``TrainSettings.compile`` "default" / "reduce-overhead").
 """
 
@@ -71,7 +71,7 @@ def bench_one(name: str, device: str, precision: str, shape: tuple[int, ...], re
     model = build_model(base_name)
     if variant == "spec":
         model = _with_spec_attention(model)
-    ViolaAttention.recompute_fusion = variant != "stored"
+    ViolaAttention.recompute_fusion = False if variant == "stored" else None  # None: recomputed on CUDA
     model = model.to(device)
     step_model = model
     if variant in ("compile", "graphs"):

@@ -127,3 +127,22 @@ def test_an_ensemble_on_openvino_predicts_as_the_torch_one(ensemble_dir, tmp_pat
                                                                       cache_dir=tmp_path))
         outs[backend] = predict_ensemble(ens.members, case.image, overlap=0.5, predictors=ens.predictors)
     assert np.allclose(outs["torch"].member_probs.numpy(), outs["openvino"].member_probs.numpy(), atol=1e-4)
+
+
+def test_cli_predict_takes_a_backend_and_refuses_an_unknown_one(ensemble_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tests.helpers import head_volume, write_nifti
+
+    img, _, aff = head_volume(seed=5)
+    write_nifti(tmp_path / "in" / "a.nii.gz", img, aff, np.int16)
+    runner = CliRunner()
+    args = ["predict", str(tmp_path / "in"), str(tmp_path / "out"), "--checkpoints", str(ensemble_dir),
+            "--device", "cpu"]
+    res = runner.invoke(app, [*args, "--backend", "torch", "--precision", "fp32"])
+    assert res.exit_code == 0, res.output
+    assert "on cpu (torch, fp32)" in res.output and (tmp_path / "out" / "a.nii.gz").is_file()
+    res = runner.invoke(app, [*args, "--backend", "tensorrt"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("error: --backend")
+    assert "Traceback" not in res.output

@@ -204,7 +204,9 @@ def test_reference_config_rejects_unverifiable_options(reference):
     ("channels", "spatial"),
     [(4, (5, 3, 2)), (16, (8, 8, 1)), (34, (7, 9, 3)), (96, (6, 4, 4)), (130, (3, 5, 2)), (384, (4, 4, 2))],
 )
-def test_attention_matches_the_spec_transcription(channels, spatial):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_attention_matches_the_spec_transcription(channels, spatial, recompute, monkeypatch):
+    monkeypatch.setattr(ViolaAttention, "recompute_fusion", recompute)  # both training paths of the fusion
     torch.manual_seed(channels)
     att = ViolaAttention(channels)
     with torch.no_grad():  # non-trivial gains and GroupNorm affine

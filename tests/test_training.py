@@ -194,3 +194,16 @@ def test_a_planted_last_checkpoint_never_runs_code(cases, tmp_path):
     with pytest.raises(ValueError, match=r"last\.pt is not a resumable checkpoint"):
         fit(cases[:3], cases[3:], _settings(), out)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_one(cases, tmp_path):
+    """``compile = "default"`` (torch.compile of forward and backward) trains the same network as
+    eager, up to float rounding: same losses step by step, close weights."""
+    eager = fit(cases[:3], [], _settings(max_steps=4, log_every=1, val_every=4, amp=False), tmp_path / "eager")
+    compiled = fit(cases[:3], [], _settings(max_steps=4, log_every=1, val_every=4, amp=False, compile="default"),
+                   tmp_path / "compiled")
+    losses = [[h["train/loss"] for h in r.history if "train/loss" in h] for r in (eager, compiled)]
+    assert len(losses[0]) == 4 and np.allclose(losses[0], losses[1], rtol=1e-3, atol=1e-4)
+    a, b = (torch.load(r.best_checkpoint, weights_only=True)["state_dict"] for r in (eager, compiled))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)

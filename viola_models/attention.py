@@ -91,8 +91,9 @@ class ViolaAttention(nn.Module):
     """
 
     #: training: recompute the full-size fusion in the backward (``_AttentionFusion``) rather than let
-    #: autograd store it; False keeps plain autograd (benchmarks compare the two)
-    recompute_fusion: bool = True
+    #: autograd store it. None: on CUDA only (GPU memory traffic is its cost there; on a CPU, under
+    #: bf16 autocast, the stored path is faster); True / False force it (tests, benchmarks)
+    recompute_fusion: bool | None = None
 
     def __init__(self, channels: int, ddcm_dropout: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
@@ -222,7 +223,8 @@ class ViolaAttention(nn.Module):
         base = (p * 0.1 + 0.3).to(dt)
         t_d, s_d = t_d.to(dt), s_d.to(dt)
         if torch.is_grad_enabled():
-            if self.recompute_fusion:  # the full-size A' is recomputed in the backward instead of stored
+            recompute = x.is_cuda if self.recompute_fusion is None else self.recompute_fusion
+            if recompute:  # the full-size A' is recomputed in the backward instead of stored
                 return _AttentionFusion.apply(x, u, t_d, q, s_d, base)
             att = torch.relu(u + t_d) + torch.addcmul(base, q, s_d)
             norm = torch.linalg.vector_norm(att.flatten(1), dim=1, dtype=_acc(att)).view(b, 1, 1, 1, 1)
