@@ -20,7 +20,7 @@ from prefect.states import Completed
 from flows.profiles import PipelineSettings, load_profile
 from tasks import tracking
 from tasks.calibration import calibrate
-from tasks.compute import ComputeSettings, check_cluster, cluster, member_options, task_runner
+from tasks.compute import ComputeSettings, check_cluster, cluster, member_options, task_runner, worker_device
 from tasks.data import oracle_pairs, prepare_data, preprocess_catalog, preprocess_pairs
 from tasks.evaluation import evaluate_round, score_chunk
 from tasks.models import assemble_ensemble
@@ -39,7 +39,6 @@ from tasks.rounds import (
 from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
 from viola_models.backends import InferenceSettings
-from viola_models.predictors import resolve_device
 
 __all__ = ["label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
 
@@ -60,7 +59,9 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     """Compose one arm of one round from the tasks; returns its summary (also logged to MLflow)."""
     logger = get_run_logger()
     t_start = time.perf_counter()
-    device = str(resolve_device(settings.device))
+    # this process predicts too (calibration, and the rest when sequential): with the workers' threads,
+    # since OpenVINO's results depend on its thread count
+    device = worker_device(settings.device, settings.compute.torch_threads)
     root, work, cache = settings.data.root, settings.work_dir, settings.work_dir / "cache"
     inference = settings.inference_settings()
     plan = plan_round(work, arm, round_, data["catalog_hash"], settings.digest(), settings.round.skip_unchanged,
@@ -94,10 +95,10 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                                 weight_by_predicted_dice=settings.student.pseudo_weight == "predicted_dice")
         pseudo = preprocess_pairs(selected, cache, settings.preprocess)
     elif arm == "oracle":
-        pseudo = preprocess_pairs(oracle_pairs(root), cache, settings.preprocess)
+        pseudo = preprocess_pairs(oracle_pairs(root), cache, settings.preprocess, label_source="oracle")
 
     labelled = {s: c["cache"] for s, c in by_role["labelled"].items()}
-    jobs = plan_members(settings, r, labelled, data["folds"], pseudo, plan.init_ensemble_dir, rdir)
+    jobs = plan_members(settings, r, labelled, data["folds"], pseudo, plan.init_ensemble_dir, rdir, by_role["labelled"])
     runner = train_members.with_options(task_runner=task_runner(settings.compute, tracking_uri))
     members = runner(jobs, settings.compute, tracking_uri, plan.state["experiment_id"], run_id, r, settings.device)
     groups = fold_groups(jobs, members)
@@ -117,7 +118,7 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
         rows = score_test_scans.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
             Path(ens_dir), by_role["test"], cache, settings.compute, settings.device, inference, **evaluate)
     test = evaluate_round(Path(ens_dir), by_role["test"], cache, rdir / "test_metrics.csv", tracking_uri, run_id, r,
-                          device=device, rows=rows, inference=inference, **evaluate)
+                          device=device, rows=rows, inference=inference, data_root=str(root), **evaluate)
     reg = None
     if arm == "self-training":
         reg = register_ensemble(Path(ens_dir), settings.tracking.registered_model, tracking_uri, run_id, r,

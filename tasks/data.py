@@ -54,7 +54,8 @@ def preprocess_catalog(root: Path, cache: Path, settings: PreprocessSettings,
                        roles: tuple[str, ...] = ("labelled", "unlabelled", "test")) -> dict[str, dict]:
     """Preprocess every usable scan of the given roles through the content-addressed cache.
 
-    Returns {scan_id: {"role", "image", "image_hash", "label", "cache"}}; paths are absolute strings.
+    Returns {scan_id: {"role", "image", "image_hash", "label", "label_hash", "cache"}}; paths are
+    absolute strings.
     """
     root = Path(root)
     scans = catalog.usable_scans(root)
@@ -71,20 +72,23 @@ def preprocess_catalog(root: Path, cache: Path, settings: PreprocessSettings,
             continue
         hits += hit
         out[r.scan_id] = {"role": r.role, "image": str(root / r.image_path), "image_hash": r.image_hash,
-                          "label": label, "cache": str(path)}
+                          "label": label, "label_hash": r.label_hash or "", "cache": str(path)}
         if i % 10 == 0 or i == len(scans):
             log.info("preprocess %d/%d (%d from cache, %.1f s)", i, len(scans), hits, time.perf_counter() - t0)
     return out
 
 
 @task(name="preprocess-pseudo-labels")
-def preprocess_pairs(items: list[dict], cache: Path, settings: PreprocessSettings) -> list[dict]:
-    """Preprocess (image, pseudo-label) pairs through the cache; returns {"cache", "weight", "scan_id"}."""
+def preprocess_pairs(items: list[dict], cache: Path, settings: PreprocessSettings,
+                     label_source: str = "pseudo") -> list[dict]:
+    """Preprocess (image, pseudo-label) pairs through the cache; returns {"cache", "weight", "scan_id",
+    "image_hash", "label_hash", "label_source"} (``label_source``: where the labels come from)."""
     out = []
     for item in items:
         path, _ = cached_preprocess(Path(cache), Path(item["image"]), item["image_hash"], settings,
                                     Path(item["label"]), item["label_hash"])
-        out.append({"scan_id": item["scan_id"], "cache": str(path), "weight": float(item.get("weight", 1.0))})
+        out.append({"scan_id": item["scan_id"], "cache": str(path), "weight": float(item.get("weight", 1.0)),
+                    "image_hash": item["image_hash"], "label_hash": item["label_hash"], "label_source": label_source})
     return out
 
 

@@ -45,6 +45,7 @@ def evaluate_round(
     device: str = "cpu",
     rows: list[dict] | None = None,
     inference: InferenceSettings | None = None,
+    data_root: str = "",
 ) -> dict[str, float]:
     """Score the ensemble on the test scans; logs the per-case table (``test/per_case.csv``) and the
     means (``test/dsc``, ``test/hd``, ``test/nsd``, ``test/rvd``) to ``run_id``; returns the means.
@@ -63,6 +64,10 @@ def evaluate_round(
     atomic_write(Path(out_csv), lambda tmp: table.to_csv(tmp, index=False))
     client = tracking.client_for(tracking_uri)
     tracking.log_table(client, run_id, table, "test/per_case.csv")
+    test_set = [{"scan_id": s, "image_hash": c.get("image_hash", ""), "label_hash": c.get("label_hash", ""),
+                 "label_source": "annotation"} for s, c in scans.items()]
+    source = str(Path(data_root).resolve()) if data_root else ""
+    tracking.log_datasets(client, run_id, {"test": test_set}, source=source)
     report = {f"test/{k}": v for k, v in means.items()} | {"test/seconds": time.perf_counter() - t0}
     tracking.log_metrics(client, run_id, report, step)
     log.info("test: %s over %d case(s)", ", ".join(f"{k.upper()} {means[k]:.4f}" for k in ("dsc", "hd", "nsd", "rvd")

@@ -285,6 +285,56 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+DATASET_COLUMNS = ["scan_id", "image_hash", "label_hash", "label_source", "weight"]
+
+
+def dataset_digest(rows: list[dict]) -> str:
+    """Content digest of a scan set: its scans' image and label hashes (and loss weights), in scan order."""
+    import hashlib
+
+    key = sorted((str(r.get("scan_id", "")), str(r.get("image_hash", "")), str(r.get("label_hash", "")),
+                  round(float(r.get("weight", 1.0)), 6)) for r in rows)
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def log_datasets(client: MlflowClient, run_id: str, sets: Mapping[str, list[dict]], source: str,
+                 name_prefix: str = "") -> None:
+    """Record scan sets as the run's MLflow dataset inputs, one per context (``train``, ``pseudo``,
+    ``validation``, ``test``): a table of scan ids with the catalog's content hashes, digested by
+    that content, so equal sets are one dataset across runs; the table itself goes beside it as
+    ``datasets/<context>.csv``. Sets already recorded on the run (a rerun) are not logged again;
+    empty sets are skipped."""
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    run = client.get_run(run_id)
+    have = {t.value for d in (run.inputs.dataset_inputs if run.inputs else []) for t in d.tags
+            if t.key == MLFLOW_DATASET_CONTEXT}
+    inputs = []
+    for context, rows in sets.items():
+        if not rows or context in have:
+            continue
+        df = pd.DataFrame([{c: r.get(c, 1.0 if c == "weight" else "") for c in DATASET_COLUMNS} for r in rows],
+                          columns=DATASET_COLUMNS).sort_values("scan_id", kind="stable").reset_index(drop=True)
+        with warnings_off():
+            ds = from_pandas(df, source=source, name=f"{name_prefix}{context}", digest=dataset_digest(rows))
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        log_table(client, run_id, df, f"datasets/{context}.csv")  # the rows themselves, beside the digest
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+@contextlib.contextmanager
+def warnings_off() -> Iterator[None]:
+    """MLflow warns when a dataset's source is a plain local path; that is what ours are."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def log_table(client: MlflowClient, run_id: str, df: pd.DataFrame, name: str) -> None:
     """A table as a CSV artifact (opens in the MLflow UI's artifact view)."""
     buf = io.StringIO()

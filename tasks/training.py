@@ -36,11 +36,29 @@ def worth_retrying(task, task_run, state) -> bool:
     return not isinstance(error, WorkerCannotSeeData)
 
 
+def member_datasets(scans: dict[str, dict], labelled: dict[str, str], folds: dict, fold: int,
+                    pseudo: list[dict]) -> dict[str, list[dict]]:
+    """The scan sets one fold's members learn from, as rows of scan id and content hashes:
+    ``train`` (labelled scans of the other folds), ``pseudo`` (with their loss weights and where the
+    labels come from) and ``validation`` (the fold's own labelled scans)."""
+    def row(s: str) -> dict:
+        return {"scan_id": s, "image_hash": scans[s].get("image_hash", ""),
+                "label_hash": scans[s].get("label_hash", ""), "label_source": "annotation", "weight": 1.0}
+
+    ids = sorted(s for s in labelled if s in folds and s in scans)
+    return {"train": [row(s) for s in ids if folds[s] != fold],
+            "pseudo": [{k: p.get(k, "") for k in ("scan_id", "image_hash", "label_hash", "label_source")}
+                       | {"weight": float(p.get("weight", 1.0))} for p in pseudo],
+            "validation": [row(s) for s in ids if folds[s] == fold]}
+
+
 def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, pseudo: list[dict],
-                 init_ensemble_dir: str | None, round_dir: Path) -> list[dict]:
+                 init_ensemble_dir: str | None, round_dir: Path, scans: dict[str, dict] | None = None) -> list[dict]:
     """Every member of a round (architecture x fold of ``settings``, a ``PipelineSettings``) as the
     keyword arguments of :func:`train_member` that depend on the member; the fold's items come
-    from ``data_catalog.catalog.fold_items`` (labelled scans of the other folds + ``pseudo``)."""
+    from ``data_catalog.catalog.fold_items`` (labelled scans of the other folds + ``pseudo``).
+    ``scans`` ({scan_id: {"image_hash", "label_hash"}} of the labelled scans) adds each member's
+    scan sets for its run's dataset inputs (``spec["datasets"]``)."""
     from data_catalog.catalog import fold_items
 
     fold_ids = settings.members.folds if settings.members.folds is not None else range(settings.data.n_folds)
@@ -58,6 +76,9 @@ def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, p
             spec = {"name": name, "fold": fold, "train": items["train"], "val": items["val"],
                     "labelled": items["labelled"], "init": init,
                     "weights": None if all(w == 1.0 for w in items["weights"]) else items["weights"]}
+            if scans is not None:
+                spec["datasets"] = member_datasets(scans, labelled, folds, fold, pseudo)
+                spec["data_root"] = str(Path(settings.data.root).resolve())
             jobs.append({"spec": spec, "settings": settings.train_settings(round_, arch, fold),
                          "out_dir": Path(round_dir) / "members" / name,
                          "final_settings": settings.labelled_only_settings(round_, arch, fold)})
@@ -135,6 +156,9 @@ def train_member(
                                          "n_train": len(train), "n_pseudo": n_pseudo, "n_val": len(val),
                                          "init_weights": str(init or ""), "train": settings.model_dump(),
                                          "labelled_only_steps": final_settings.max_steps if final_settings else 0})
+    if spec.get("datasets"):
+        tracking.log_datasets(client, run_id, spec["datasets"], source=spec.get("data_root", ""),
+                              name_prefix=f"fold{spec['fold']}/")
 
     def callbacks(offset: int) -> TrainCallbacks:
         return TrainCallbacks(

@@ -297,6 +297,32 @@ def test_reproduces_the_authors_output_on_cuda(reference, precision):
     assert (out - reference["output"]).abs().max().item() < tol
 
 
+@pytest.mark.gpu
+def test_recomputed_fusion_gives_the_stored_gradients_on_cuda(reference, monkeypatch):
+    """On CUDA the attention's fusion is recomputed in the backward by default: same loss gradients
+    as plain autograd, in fp32 and under bf16 autocast."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = from_reference_config(reference["config"])
+    model.load_state_dict(convert_reference_state_dict(reference["state_dict"]), strict=True)
+    model = model.cuda().train()
+    for m in model.modules():  # dropout off: both passes must see the same network
+        if isinstance(m, ViolaAttention):
+            m.ddcm_dropout = 0.0
+    x = reference["input"].cuda()
+    for dtype, tol in ((None, 1e-4), (torch.bfloat16, 2e-2)):
+        grads = []
+        for recompute in (False, None):
+            monkeypatch.setattr(ViolaAttention, "recompute_fusion", recompute)
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(x)
+            out.float().square().mean().backward()
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=tol * max(1.0, a.abs().max().item()))
+
+
 @pytest.mark.parametrize("name", ["viola_tiny", "nnunet_tiny", "viola_small"])
 def test_folded_batch_norm_gives_the_same_output(name):
     from viola_models.predictors import fold_batch_norm

@@ -89,6 +89,33 @@ def test_two_rounds_end_to_end(tmp_path):
         assert [a.path for a in client.list_artifacts(m.run_id, "checkpoint")] == ["checkpoint/best.pt"]
         history = client.get_metric_history(m.run_id, "train/loss")
         assert len(history) >= 2 and len({h.step for h in history}) == len(history)
+    # datasets in the lineage: each member run names the exact scans (content hashes) it trained and
+    # validated on, and round 1's members the pseudo-label set; the round run names its test set
+    scans = catalog.usable_scans(root).set_index("scan_id")
+    folds = catalog.load_folds(root, 2, 0)
+    fold_of = dict(zip(folds.scan_id, folds.fold))
+    for m in members.itertuples():
+        inputs = client.get_run(m.run_id).inputs.dataset_inputs
+        sets = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in inputs}
+        assert set(sets) == ({"train", "validation", "pseudo"} if m.parent == r1.run_id else {"train", "validation"})
+        for context, ds in sets.items():
+            columns = [c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]]
+            assert columns == tracking.DATASET_COLUMNS and ds.name == f"fold0/{context}"
+            table = pd.read_csv(mlflow.artifacts.download_artifacts(
+                run_id=m.run_id, artifact_path=f"datasets/{context}.csv", tracking_uri=uri), dtype=str,
+                keep_default_na=False)
+            assert json.loads(ds.profile)["num_rows"] == len(table) >= 1
+            assert ds.digest == tracking.dataset_digest(table.to_dict("records"))
+        train_ids = {s for s, f in fold_of.items() if f != 0 and scans.loc[s, "role"] == "labelled"}
+        expected = [{"scan_id": s, "image_hash": scans.loc[s, "image_hash"], "label_hash": scans.loc[s, "label_hash"],
+                     "weight": 1.0} for s in train_ids]
+        assert sets["train"].digest == tracking.dataset_digest(expected) and sets["train"].name == "fold0/train"
+    test_inputs = client.get_run(r0.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in test_inputs] == ["test"]
+    test_ids = scans[scans.role == "test"]
+    assert test_inputs[0].dataset.digest == tracking.dataset_digest([
+        {"scan_id": s, "image_hash": r.image_hash, "label_hash": r.label_hash} for s, r in test_ids.iterrows()])
+
     # fine-tuning members start from round 0's weights and never validate on pseudo-labels
     tuned = members[members.parent == r1.run_id]
     assert all(p["init_weights"].endswith("best.pt") for p in tuned.params)

@@ -175,9 +175,13 @@ class OpenVINOForward:
             except OSError:  # another process put the same entry in place first
                 shutil.rmtree(tmp, ignore_errors=True)
             prune_cache(self.cache_dir, self.max_entries)
-        except OSError as e:  # a read-only or full cache only costs the next process a conversion
+            # compiled from the file, as every later process will: one network whether the cache was warm or not
+            return self.core.read_model(xml)
+        except (OSError, RuntimeError) as e:  # a read-only or full cache: compiled from a private copy
             log.warning("could not cache the OpenVINO network in %s (%s)", self.cache_dir, e)
-        return converted
+        with tempfile.TemporaryDirectory(prefix="viola-openvino-") as private:
+            self._ov.save_model(converted, Path(private) / "model.xml", compress_to_fp16=False)
+            return self.core.read_model(Path(private) / "model.xml")
 
     def compiled(self, shape: tuple[int, ...]):
         if shape not in self._compiled:

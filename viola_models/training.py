@@ -110,7 +110,8 @@ class TrainSettings(BaseModel):
     amp: bool = True
     # torch.compile of the training forward and backward: "default" fuses the elementwise work (the
     # viola attention's above all); "reduce-overhead" also replays each step as a CUDA graph (static
-    # shapes: every batch has the patch size). Same arithmetic as eager up to float rounding.
+    # shapes: every batch has the patch size). Same arithmetic as eager up to float rounding, except
+    # that dropout masks come from the compiled graph's own generator.
     compile: Literal["off", "default", "reduce-overhead"] = "off"
     seed: int = 0
     num_workers: int = 0
@@ -447,7 +448,8 @@ def fit(
         lr = lr_at(step, settings)
         for group in opt.param_groups:
             group["lr"] = lr
-        image, label = batch["image"].to(device), batch["label"].to(device)
+        # plain tensors: MONAI's MetaTensor dispatches every operation through Python, and torch.compile refuses it
+        image, label = (torch.as_tensor(batch[k]).as_subclass(torch.Tensor).to(device) for k in ("image", "label"))
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = forward(image)
