@@ -123,7 +123,9 @@ class OpenVINOForward:
     version, so later processes compile from the cache instead of converting again (the
     ``max_entries`` most recently used entries are kept: every round brings new weights). Entries
     are written to a private folder and renamed into place: a concurrent writer or a crash never
-    leaves a half-written entry; an unreadable entry is converted again.
+    leaves a half-written entry; an unreadable entry is converted again. OpenVINO's results depend
+    on ``threads`` in the last bits (nnU-Net's reductions are split by thread): processes that must
+    agree use one thread count.
     """
 
     def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16"] = "fp32",
