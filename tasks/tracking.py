@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -290,8 +292,6 @@ DATASET_COLUMNS = ["scan_id", "image_hash", "label_hash", "label_source", "weigh
 
 def dataset_digest(rows: list[dict]) -> str:
     """Content digest of a scan set: its scans' image and label hashes (and loss weights), in scan order."""
-    import hashlib
-
     key = sorted((str(r.get("scan_id", "")), str(r.get("image_hash", "")), str(r.get("label_hash", "")),
                   round(float(r.get("weight", 1.0)), 6)) for r in rows)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
@@ -317,22 +317,13 @@ def log_datasets(client: MlflowClient, run_id: str, sets: Mapping[str, list[dict
             continue
         df = pd.DataFrame([{c: r.get(c, 1.0 if c == "weight" else "") for c in DATASET_COLUMNS} for r in rows],
                           columns=DATASET_COLUMNS).sort_values("scan_id", kind="stable").reset_index(drop=True)
-        with warnings_off():
+        with warnings.catch_warnings():  # MLflow warns that a local folder is the source: ours are
+            warnings.simplefilter("ignore")
             ds = from_pandas(df, source=source, name=f"{name_prefix}{context}", digest=dataset_digest(rows))
         inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         log_table(client, run_id, df, f"datasets/{context}.csv")  # the rows themselves, beside the digest
     if inputs:
         client.log_inputs(run_id, datasets=inputs)
-
-
-@contextlib.contextmanager
-def warnings_off() -> Iterator[None]:
-    """MLflow warns when a dataset's source is a plain local path; that is what ours are."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def log_table(client: MlflowClient, run_id: str, df: pd.DataFrame, name: str) -> None:

@@ -9,8 +9,8 @@ and reads that cache).
   ``INFERENCE_PRECISION_HINT`` fp32 or bf16. Optional: ``pip install viola-ich[openvino]``.
 
 ``auto`` picks are detected, not assumed: OpenVINO when it is installed and the device is the CPU;
-bf16 when the CPU computes it natively (AVX512-BF16 or AMX flags, or OpenVINO's BF16 capability),
-fp32 otherwise. On CUDA the torch predictor decides (bf16 autocast where the GPU supports it).
+bf16 when the CPU computes it natively (its AVX512-BF16 or AMX flags), fp32 otherwise. On CUDA
+the torch predictor decides (bf16 autocast where the GPU supports it).
 """
 
 from __future__ import annotations
