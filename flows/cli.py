@@ -256,6 +256,39 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command("import-reference")
+def import_reference(
+    checkpoints: Annotated[list[Path], typer.Argument(help="the authors' checkpoint files (.pt/.pth state_dicts)")],
+    out: Annotated[Path, typer.Option(help="new ensemble folder to write")],
+    config: Annotated[str | None, typer.Option(
+        help="configuration of every file: a name (viola_l, viola_s, nnunet_r, ...) or the authors' constructor "
+             "arguments as JSON (default: what the file carries, else detected from the weights)")] = None,
+    patch_size: Annotated[tuple[int, int, int], typer.Option(
+        help="sliding-window size the members predict with (the authors': 160 160 32)")] = (160, 160, 32),
+    profile: Annotated[str | None, typer.Option(
+        help="take the preprocessing from this profile's [preprocess] (default: the authors' final one: "
+             "0.902 x 0.902 x 4.997 mm, windows [0,100] [-15,200] [-100,1300] HU)")] = None,
+) -> None:
+    """Turn the authors' published checkpoints into an ensemble folder for `viola predict --checkpoints`
+    and for a round 0 that starts from them (`[members] init` in a profile)."""
+    _setup()
+    from flows.profiles import ProfileError, load_profile
+    from viola_models.ensemble import read_manifest
+    from viola_models.reference import import_reference_checkpoints
+
+    try:
+        preprocess = load_profile(profile).preprocess if profile else None
+        manifest = import_reference_checkpoints(checkpoints, out, config=config, patch_size=patch_size,
+                                                preprocess=preprocess)
+        members = read_manifest(manifest.parent)["members"]
+    except (*_KNOWN, ProfileError) as e:
+        _fail(str(e))
+    for m in members:
+        typer.echo(f"{m['source']} -> {m['name']} ({m['architecture']})")
+    typer.echo(f"wrote an ensemble of {len(members)} member(s) to {out}; use it with `viola predict --checkpoints "
+               f"{out}` or `[members] init = \"{out}\"` in a profile")
+
+
 def main() -> None:
     try:
         app()

@@ -51,11 +51,16 @@ class DataSettings(BaseModel):
 
 
 class MembersSettings(BaseModel):
-    """Which networks form a round's ensemble: every architecture on every listed fold."""
+    """Which networks form a round's ensemble: every architecture on every listed fold.
+
+    ``init``: an ensemble folder (e.g. the authors' checkpoints, ``viola import-reference``) whose
+    members round 0 fine-tunes instead of training from scratch: the member of the same name, else
+    those of the same architecture in turn (``viola_models.ensemble.initial_member``)."""
 
     model_config = ConfigDict(extra="forbid")
     architectures: list[str] = Field(default_factory=lambda: ["viola_l", "nnunet_r"])
     folds: list[int] | None = None  # None: all folds
+    init: Path | None = None
 
 
 class CalibrationSettings(BaseModel):
@@ -252,6 +257,15 @@ def load_profile(profile: str | Path, data_root: str | Path | None = None,
         where = f"{where}: " if where else ""
         raise ProfileError(f"profile {path}: {where}{first['msg']} ({e.error_count()} error(s) in all)") from None
     settings.data.root = settings.data.root.expanduser().resolve()
+    if settings.members.init is not None:
+        settings.members.init = settings.members.init.expanduser().resolve()
+        from viola_models.ensemble import EnsembleError, initial_member
+
+        try:  # every member of round 0 must find its starting point now, not hours into the round
+            for arch in settings.members.architectures:
+                initial_member(settings.members.init, arch, 0)
+        except EnsembleError as e:
+            raise ProfileError(f"profile {path}: members.init: {e}") from None
     folds = settings.members.folds
     if folds is not None and any(f < 0 or f >= settings.data.n_folds for f in folds):
         raise ProfileError(f"profile {path}: members.folds {folds} outside 0..{settings.data.n_folds - 1}")

@@ -68,6 +68,10 @@ def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, p
         for arch in settings.members.architectures:
             name = f"{arch}-fold{fold}"
             init = None
+            if round_ == 0 and settings.members.init is not None:
+                from viola_models.ensemble import initial_member
+
+                init = str(initial_member(settings.members.init, arch, fold))
             if round_ > 0 and settings.student.init == "teacher":
                 teacher = Path(init_ensemble_dir) / name / "best.pt"
                 init = str(teacher) if teacher.exists() else None

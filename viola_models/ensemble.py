@@ -35,8 +35,8 @@ from viola_models.backends import InferenceSettings
 from viola_models.configs import build_from_config
 from viola_models.sliding_window import make_predictors
 
-__all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "load_ensemble", "load_member", "read_manifest",
-           "write_ensemble"]
+__all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "initial_member", "load_ensemble",
+           "load_member", "read_manifest", "write_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,23 @@ def read_manifest(folder: Path) -> dict:
         except TypeError as e:
             raise EnsembleError(f"{path}: invalid calibration ({e})") from None
     return data
+
+
+def initial_member(folder: Path, architecture: str, fold: int) -> Path:
+    """The checkpoint of ``folder``'s ensemble that a new member (``architecture``, ``fold``) starts
+    from: the member of the same name (``<architecture>-fold<fold>``), else the members of that
+    architecture taken in turn (``fold`` modulo their number). EnsembleError when it has none."""
+    data = read_manifest(folder)
+    by_name = {m.get("name"): ck for m, ck in zip(data["members"], data["checkpoints"])}
+    if f"{architecture}-fold{fold}" in by_name:
+        return by_name[f"{architecture}-fold{fold}"]
+    same = [ck for m, ck in zip(data["members"], data["checkpoints"])
+            if architecture in (m.get("architecture"), str(m.get("name", "")).split("-fold")[0])]
+    if not same:
+        kinds = sorted({str(m.get("architecture") or m.get("name")) for m in data["members"]})
+        raise EnsembleError(f"{folder / MANIFEST} has no {architecture} member to start from (it has "
+                            f"{', '.join(kinds)})")
+    return same[fold % len(same)]
 
 
 def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = True,
