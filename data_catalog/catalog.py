@@ -4,7 +4,7 @@ cross-validation folds; the pseudo-label lineage.
 Tables are CSV files in ``DATA_ROOT/viola_catalog/`` (open them in any spreadsheet or with
 ``pandas.read_csv``):
 
-* ``scans.csv``: one row per image file: scan_id, role (labelled / unlabelled / test), status
+* ``scans.csv``: one row per image file or DICOM series folder: scan_id, role (labelled / unlabelled / test), status
   (ok / rejected) and reason, image and label paths (relative to the root), content hashes, shape,
   spacing (mm), orientation code, time added and updated, and the file stats used to skip files
   that did not change.
@@ -37,6 +37,7 @@ import filelock
 import numpy as np
 import pandas as pd
 
+from data_catalog.dicom import series_files, series_signature
 from data_catalog.scans import (
     ScanError,
     atomic_write,
@@ -177,15 +178,24 @@ def _strip_nii(name: str) -> str | None:
     return None
 
 
-def entry_problem(path: Path) -> str:
-    """Why a folder entry cannot be a scan file ("" when it can: a regular, visible .nii/.nii.gz file)."""
+def entry_problem(path: Path, series: bool = True) -> str:
+    """Why a folder entry cannot be a scan ("" when it can: a regular, visible .nii/.nii.gz file or,
+    with ``series``, a visible folder with files in it, read as one DICOM series)."""
     name = path.name
     if name.startswith("."):
         return "hidden file (name starts with '.'): not read"
     if path.is_symlink() and not path.exists():
         return "broken symbolic link"
     if path.is_dir():
-        return "a folder named like a scan, not a file" if _strip_nii(name) else "a folder, not a NIfTI file"
+        if _strip_nii(name):
+            return "a folder named like a scan, not a file"
+        if not series:
+            return "a folder, not a NIfTI file (labels are NIfTI files)"
+        try:
+            has_files = bool(series_files(path))
+        except OSError as e:
+            return f"cannot list the folder: {e.strerror or e}"
+        return "" if has_files else "a folder, not a NIfTI file"
     if not path.is_file():
         return "not a regular file"
     if not _strip_nii(name):
@@ -193,13 +203,19 @@ def entry_problem(path: Path) -> str:
     return ""
 
 
-def _entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """A folder's scan files, and every other entry with the reason it is not one."""
+def _case_name(path: Path) -> str:
+    """CASE of CASE.nii.gz, or of a series folder CASE/."""
+    return _strip_nii(path.name) or path.name
+
+
+def _entries(folder: Path, series: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """A folder's scan files (and, with ``series``, DICOM series folders), and every other entry
+    with the reason it is not one."""
     if not folder.is_dir():
         return [], []
     files, others = [], []
     for p in sorted(folder.iterdir()):
-        problem = entry_problem(p)
+        problem = entry_problem(p, series)
         if problem:
             others.append((p, problem))
         else:
@@ -211,11 +227,11 @@ def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channe
     """Images of one folder with their labels (same case name); labels without image are reported."""
     out: list[_Candidate] = []
     images_ok, image_others = _entries(images)
-    labels_ok, label_others = _entries(labels) if labels else ([], [])
+    labels_ok, label_others = _entries(labels, series=False) if labels else ([], [])
     label_files = {(_strip_nii(p.name) or ""): p for p in labels_ok}
     used: set[str] = set()
     for img in images_ok:
-        case = _strip_nii(img.name) or ""
+        case = _case_name(img)
         cand = _Candidate(scan_id=case, role=role, image=str(img.relative_to(root)))
         if strip_channel:  # nnU-Net: CASE_0000 is the (only) CT channel
             if case.endswith("_0000"):
@@ -243,7 +259,8 @@ def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channe
 def discover(root: Path) -> tuple[str, list[_Candidate]]:
     """Find the scans of a data root in the INSTANCE 2022 layout (``train/data``, ``train/label``,
     ``unlabelled/``, ``test/data``, ``test/label``) or the nnU-Net layout (``imagesTr/CASE_0000``,
-    ``labelsTr/CASE``, ``imagesTs/``, ``labelsTs/``, plus ``unlabelled/``)."""
+    ``labelsTr/CASE``, ``imagesTs/``, ``labelsTs/``, plus ``unlabelled/``). An image is a NIfTI file
+    (``CASE.nii.gz``) or a folder holding one DICOM series (``CASE/``); labels are NIfTI files."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a folder")
@@ -266,9 +283,14 @@ def discover(root: Path) -> tuple[str, list[_Candidate]]:
 
 # ---------------------------------------------------------------------------------------- ingest
 def _stat(root: Path, rel: str) -> tuple[str, str]:
+    """(size, mtime in ns) of a file; of a series folder, its files' total size and latest mtime."""
     if not rel:
         return "", ""
-    st = (Path(root) / rel).stat()
+    path = Path(root) / rel
+    if path.is_dir():
+        size, mtime = series_signature(path)
+        return str(size), str(mtime)
+    st = path.stat()
     return str(st.st_size), str(st.st_mtime_ns)
 
 

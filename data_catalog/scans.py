@@ -1,4 +1,5 @@
-"""Reading and validating NIfTI scans and labels, content hashes, atomic writes.
+"""Reading and validating NIfTI scans and labels, content hashes, atomic writes; DICOM series
+folders are read by ``data_catalog.dicom`` and pass through the same checks here.
 
 Every check turns a defect of real data into a ``ScanError`` with a one-line reason, so that the
 catalog can record it, show it and go on with the other files. Original files are only read.
@@ -24,6 +25,7 @@ import numpy as np
 __all__ = [
     "ScanError",
     "ScanInfo",
+    "array_image",
     "atomic_write",
     "check_label_matches",
     "file_sha256",
@@ -57,7 +59,12 @@ class ScanInfo:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a file's bytes (hex)."""
+    """Content hash of a file's bytes (hex); of a DICOM series folder, its files' names and bytes
+    (``data_catalog.dicom.series_sha256``)."""
+    if Path(path).is_dir():
+        from data_catalog.dicom import series_sha256
+
+        return series_sha256(Path(path), chunk)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -167,19 +174,46 @@ def _info(img: nib.Nifti1Image, shape: tuple[int, ...]) -> ScanInfo:
 def read_image(path: Path, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]:
     """Load a CT image as float32 HU (X, Y, Z) with its geometry; ScanError with a reason if unusable.
 
-    Checks: NIfTI (gzip or not), complete, 3-D, finite, and (``check_hu``) intensities that look
-    like Hounsfield units: some air below -500 HU and some bone above 200 HU.
+    ``path`` is a NIfTI file or a folder holding one DICOM series (``data_catalog.dicom.read_series``,
+    which checks the series itself). Checks: NIfTI (gzip or not), complete, 3-D, finite, and
+    (``check_hu``) intensities that look like Hounsfield units: some air below -500 HU and some
+    bone above 200 HU.
     """
-    img, data = _load(path)
-    data = _squeeze_to_3d(data)
-    info = _info(img, data.shape)
-    if not np.issubdtype(data.dtype, np.number):
-        raise ScanError(f"non-numeric voxel type {data.dtype}")
-    image = np.asarray(data, dtype=np.float32)
+    if Path(path).is_dir():
+        from data_catalog.dicom import read_series
+
+        image, info = read_series(Path(path))
+    else:
+        img, data = _load(path)
+        data = _squeeze_to_3d(data)
+        info = _info(img, data.shape)
+        if not np.issubdtype(data.dtype, np.number):
+            raise ScanError(f"non-numeric voxel type {data.dtype}")
+        image = np.asarray(data, dtype=np.float32)
     finite = np.isfinite(image)
     if not finite.all():
         n_bad = int(image.size - finite.sum())
         raise ScanError(f"{n_bad} NaN or infinite voxel(s)")
+    if check_hu:
+        _check_hounsfield(image)
+    return image, info
+
+
+def array_image(array: np.ndarray, affine: np.ndarray, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]:
+    """A CT volume handed over in memory, checked as :func:`read_image` checks a file: 3-D, finite,
+    a valid affine (4 x 4, mm), and (``check_hu``) intensities in Hounsfield units."""
+    data = np.asarray(array)
+    if not np.issubdtype(data.dtype, np.number):
+        raise ScanError(f"non-numeric voxel type {data.dtype}")
+    data = _squeeze_to_3d(data)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ScanError(f"affine must be 4 x 4, got shape {affine.shape}")
+    info = scan_info(affine, data.shape)
+    image = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise ScanError(f"{int(image.size - finite.sum())} NaN or infinite voxel(s)")
     if check_hu:
         _check_hounsfield(image)
     return image, info
@@ -303,15 +337,27 @@ def save_nifti_like(array: np.ndarray, reference: Path | nib.Nifti1Image, path: 
     """Write ``array`` atomically as NIfTI with the header and affine of ``reference``.
 
     The data type comes from ``array`` (e.g. uint8 masks); scaling is reset so values are stored
-    as they are.
+    as they are. A DICOM series folder as ``reference`` gives its grid (``read_image``'s affine),
+    as scanner coordinates in both the qform and the sform.
     """
-    ref = nib.load(str(reference)) if isinstance(reference, (str, Path)) else reference
-    header = ref.header.copy()
-    header.set_data_dtype(array.dtype)
-    out = nib.Nifti1Image(np.asarray(array), ref.affine, header)
-    out.header.set_slope_inter(1, 0)
-    out.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
-    out.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
+    if isinstance(reference, (str, Path)) and Path(reference).is_dir():
+        from data_catalog.dicom import read_series_geometry
+
+        affine = read_series_geometry(Path(reference)).affine
+        out = nib.Nifti1Image(np.asarray(array), affine)
+        out.header.set_data_dtype(array.dtype)
+        out.header.set_xyzt_units("mm")
+        out.header.set_slope_inter(1, 0)
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
+    else:
+        ref = nib.load(str(reference)) if isinstance(reference, (str, Path)) else reference
+        header = ref.header.copy()
+        header.set_data_dtype(array.dtype)
+        out = nib.Nifti1Image(np.asarray(array), ref.affine, header)
+        out.header.set_slope_inter(1, 0)
+        out.set_qform(ref.get_qform(), code=int(ref.header["qform_code"]))
+        out.set_sform(ref.get_sform(), code=int(ref.header["sform_code"]))
 
     def write(tmp: Path) -> None:
         nib.save(out, str(tmp))

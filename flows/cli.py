@@ -71,7 +71,9 @@ def ingest(
     data_root: Path,
     binarize_labels: Annotated[bool, typer.Option(help="map non-zero label values to 1 (0/255, multi-class)")] = False,
 ) -> None:
-    """Register or refresh the catalog of DATA_ROOT (only new or changed files are read)."""
+    """Register or refresh the catalog of DATA_ROOT (only new or changed files are read).
+
+    Images are NIfTI files or folders holding one DICOM series each (e.g. unlabelled/CASE/*.dcm)."""
     _setup()
     from data_catalog import catalog
 
@@ -171,7 +173,8 @@ def serve(
 
 @app.command()
 def predict(
-    input: Annotated[Path, typer.Argument(help="a folder of NIfTI scans, or one scan")],
+    input: Annotated[Path, typer.Argument(
+        help="a folder of NIfTI scans and/or DICOM series folders, one NIfTI scan, or one DICOM series folder")],
     output: Annotated[Path, typer.Argument(help="folder for the masks and predictions_info.csv")],
     model: Annotated[str | None, typer.Option(help="MLflow model URI, e.g. models:/NAME@champion")] = None,
     round: Annotated[int | None, typer.Option("--round", help="a round of the profile's data root")] = None,
@@ -179,6 +182,8 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto")] = "auto",
     tta: Annotated[bool, typer.Option(help="flip test-time augmentation (4x slower)")] = False,
     overlays: Annotated[bool, typer.Option(help="PNG overlays on the three-window view")] = False,
+    dicom_seg: Annotated[bool, typer.Option(
+        help="also a DICOM SEG per DICOM series (FOLDER.seg.dcm, referencing it; needs highdicom)")] = False,
     overlap: Annotated[float, typer.Option(min=0.0, max=0.9, help="sliding-window overlap")] = 0.5,
     backend: Annotated[str | None, typer.Option(
         help="CPU backend: auto (OpenVINO when installed), torch or openvino (default: the profile's [inference])")
@@ -212,6 +217,13 @@ def predict(
         device = str(resolve_device(device))
     except ValueError as e:
         _fail(str(e))
+    if dicom_seg:
+        from data_catalog.dicom import check_seg_writer
+
+        try:
+            check_seg_writer()
+        except RuntimeError as e:
+            _fail(f"--dicom-seg: {e}")
     from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
 
     try:
@@ -246,7 +258,7 @@ def predict(
     t0 = time.perf_counter()
     try:
         table = predict_folder(input, output, ensemble, overlap=overlap, tta=tta, overlays=overlays,
-                               on_scan=progress)
+                               on_scan=progress, dicom_seg=dicom_seg)
     except _KNOWN as e:
         _fail(str(e))
     ok = int((table.status == "ok").sum())

@@ -62,20 +62,22 @@ def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def segment_scan(
-    image_path: Path,
+    image_path: Path | None,
     ensemble: Ensemble,
     overlap: float = 0.5,
     tta: bool = False,
     cache_dir: Path | None = None,
     image_hash: str | None = None,
     cached_case: Path | None = None,
+    image: tuple[np.ndarray, ScanInfo] | None = None,
 ) -> ScanSegmentation:
-    """Segment one NIfTI scan (ScanError with a reason if the file is unusable).
+    """Segment one scan, a NIfTI file or a DICOM series folder (ScanError with a reason if unusable).
 
     With ``cache_dir`` and ``image_hash`` (the catalog's, so the file was validated) the preprocessing
     comes from (or goes to) the cache, and on a hit the scan file is not read at all: its geometry is
     in the cached case. ``cached_case`` is such a case already at hand (it must have been made with
-    the ensemble's preprocessing settings).
+    the ensemble's preprocessing settings). ``image``: the scan already in memory, as validated by
+    ``data_catalog.scans.read_image`` or ``array_image`` (``image_path`` is then not read).
     """
     t0 = time.perf_counter()
     case: PreprocessedCase
@@ -89,7 +91,7 @@ def segment_scan(
         case = load_preprocessed(path)
         info = scan_info(case.native_affine, case.native_shape)
     else:
-        image, info = read_image(Path(image_path))
+        image, info = image if image is not None else read_image(Path(image_path))
         t_read = time.perf_counter()
         case = preprocess_arrays(image, info.affine, None, ensemble.preprocess)
     t_pre = time.perf_counter()
@@ -128,11 +130,20 @@ PREDICTION_COLUMNS = [
 
 
 def _inputs(folder: Path) -> list[tuple[Path, str]]:
-    """Every entry of the input folder (or the one input file), with why it cannot be a scan ("" if it can)."""
+    """Every entry of the input folder (or the one input file, or the one DICOM series folder), with
+    why it cannot be a scan ("" if it can). A folder that directly holds DICOM files is one series;
+    otherwise its NIfTI files and its sub-folders (each a series) are the inputs."""
     from data_catalog.catalog import entry_problem
+    from data_catalog.dicom import holds_dicom_files
 
-    entries = [folder] if not folder.is_dir() else sorted(folder.iterdir())
-    return [(p, entry_problem(p)) for p in entries]
+    if not folder.is_dir() or holds_dicom_files(folder):
+        return [(folder, entry_problem(folder))]
+    return [(p, entry_problem(p)) for p in sorted(folder.iterdir())]
+
+
+def _mask_name(path: Path) -> str:
+    """The mask's file name: the scan's own, or a series folder's name + .nii.gz."""
+    return f"{path.name}.nii.gz" if path.is_dir() else path.name
 
 
 def predict_folder(
@@ -143,14 +154,19 @@ def predict_folder(
     tta: bool = False,
     overlays: bool = False,
     on_scan: Callable[[int, int, dict], None] | None = None,
+    dicom_seg: bool = False,
 ) -> pd.DataFrame:
-    """Segment every NIfTI scan of ``input_dir`` (or one file) into ``output_dir``.
+    """Segment every scan of ``input_dir`` into ``output_dir``: its NIfTI files and DICOM series
+    folders, or ``input_dir`` itself when it is one file or one series folder.
 
-    Writes, atomically, a uint8 mask per scan under the scan's own file name, header and affine,
-    optional PNG overlays (``overlays/``), and ``predictions_info.csv`` (rewritten after each scan,
-    so an interrupted run leaves a valid table). Unusable scans get a row with their reason and
-    are skipped. Nothing in ``input_dir`` is written to. ``on_scan(i, n, row)`` reports progress.
+    Writes, atomically, a uint8 mask per scan under the scan's own file name, header and affine (a
+    series: ``FOLDER.nii.gz`` on the series' grid), with ``dicom_seg`` also a DICOM SEG per series
+    (``FOLDER.seg.dcm``, referencing the series; needs highdicom), optional PNG overlays
+    (``overlays/``), and ``predictions_info.csv`` (rewritten after each scan, so an interrupted run
+    leaves a valid table). Unusable scans get a row with their reason and are skipped. Nothing in
+    ``input_dir`` is written to. ``on_scan(i, n, row)`` reports progress.
     """
+    from data_catalog.dicom import check_seg_writer, make_seg, save_seg
     from data_catalog.overlays import overlay_png
     from data_catalog.scans import ScanError, atomic_write, save_nifti_like
 
@@ -160,22 +176,32 @@ def predict_folder(
     src_root = input_dir if input_dir.is_dir() else input_dir.parent
     if output_dir.resolve() == src_root.resolve():
         raise ValueError(f"output folder {output_dir} is the input folder: masks would replace the scans")
+    if dicom_seg:
+        check_seg_writer()
     inputs = _inputs(input_dir)
     if not any(problem == "" for _, problem in inputs):
-        raise FileNotFoundError(f"no .nii or .nii.gz files in {input_dir}")
+        raise FileNotFoundError(f"no .nii or .nii.gz files or DICOM series folders in {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     table = output_dir / "predictions_info.csv"
+    written: dict[str, str] = {}  # mask name -> the input it came from
     for i, (path, problem) in enumerate(inputs, 1):
         row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": path.name}
+        name = _mask_name(path)
         try:
             if problem:
                 raise ScanError(problem)
+            if name in written:
+                raise ScanError(f"its mask {name} is already the mask of {written[name]}; rename one of them")
             seg = segment_scan(path, ensemble, overlap=overlap, tta=tta)
+            seg_dataset = make_seg(seg.mask, path) if dicom_seg and path.is_dir() else None
         except ScanError as e:
             row.update(status="rejected", reason=str(e))
         else:
-            save_nifti_like(seg.mask, path, output_dir / path.name)
+            save_nifti_like(seg.mask, path, output_dir / name)
+            written[name] = path.name
+            if seg_dataset is not None:
+                save_seg(seg_dataset, output_dir / f"{path.name}.seg.dcm")
             row.update(status="ok", predicted_volume_ml=round(seg.volume_ml, 3),
                        abc2_volume_ml=round(seg.abc2_volume_ml, 3), n_lesions=seg.n_lesions,
                        largest_lesion_ml=round(seg.largest_lesion_ml, 3),
@@ -184,7 +210,7 @@ def predict_folder(
                                                               "mean_max_probability", "volume_cv")})
             if overlays:
                 image, info = read_image(path)
-                stem = path.name.removesuffix(".gz").removesuffix(".nii")
+                stem = name.removesuffix(".gz").removesuffix(".nii")
                 overlay_png(image, seg.mask, info.affine, output_dir / "overlays" / f"{stem}.png",
                             title=f"{path.name}: {seg.volume_ml:.1f} ml in {seg.n_lesions} lesion(s)")
         rows.append(row)
