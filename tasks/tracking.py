@@ -37,6 +37,7 @@ __all__ = [
     "default_tracking_uri",
     "download_ensemble",
     "experiment_id",
+    "fetch_member_checkpoints",
     "log_ensemble",
     "log_metrics",
     "log_params",
@@ -357,37 +358,46 @@ CHECKPOINT_ARTIFACT = "checkpoint/best.pt"  # where a member run keeps its check
 
 
 def log_ensemble(client: MlflowClient, run_id: str, folder: Path) -> None:
-    """Log an ensemble folder as ``run_id``'s ``ensemble`` artifact without the member checkpoints
-    that its manifest ties to member runs (each is already that run's ``checkpoint/best.pt``):
-    a paper round's ten checkpoints are stored once, not twice."""
-    from viola_models.ensemble import read_manifest
+    """Log an ensemble folder as ``run_id``'s ``ensemble`` artifact, a pyfunc model
+    (``tasks.ensemble_model``), without the member checkpoints that its manifest ties to member
+    runs (each is already that run's ``checkpoint/best.pt``): a paper round's ten checkpoints are
+    stored once, not twice."""
+    import tempfile
 
-    manifest = read_manifest(folder)
-    on_runs = {m["checkpoint"] for m in manifest["members"] if m.get("run_id")}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder)
-        if rel.as_posix() not in on_runs:
-            client.log_artifact(run_id, str(path), str(Path("ensemble") / rel.parent).rstrip("/."))
+    from tasks.ensemble_model import save_ensemble_model
+
+    with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:
+        model = save_ensemble_model(Path(folder), Path(tmp) / "model")
+        with_retries(lambda: client.log_artifacts(run_id, str(model), "ensemble"), client.tracking_uri)
 
 
 def download_ensemble(model_uri: str, tracking_uri: str, dst: Path | None = None) -> Path:
     """An ensemble folder from MLflow (``models:/NAME@champion``, ``runs:/ID/ensemble``): the
-    manifest and calibration of the version, and each member's checkpoint from its member run."""
-    from viola_models.ensemble import MANIFEST
+    manifest and calibration of the version (inside its pyfunc model, ``tasks.ensemble_model``,
+    or, for older versions, the folder itself), and each member's checkpoint from its member run."""
+    from tasks.ensemble_model import model_ensemble_dir
 
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
                                                       dst_path=str(dst) if dst else None))
+    folder = model_ensemble_dir(folder) or folder
+    fetch_member_checkpoints(folder, tracking_uri)
+    return folder
+
+
+def fetch_member_checkpoints(folder: Path, tracking_uri: str) -> None:
+    """Download into ``folder`` the member checkpoints that its manifest keeps on member runs."""
+    from viola_models.ensemble import MANIFEST
+
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     for member in manifest.get("members", []) if isinstance(manifest, dict) else []:
         rel, run_id = member.get("checkpoint"), member.get("run_id")
         if not (isinstance(rel, str) and run_id) or (folder / rel).exists() or ".." in Path(rel).parts:
-            continue  # older versions stored the checkpoints with the manifest; bad entries fail at load
+            continue  # stored with the manifest (older versions, imported ensembles); bad entries fail at load
         with tempfile_dir(folder) as tmp:
             got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
                                                            tracking_uri=tracking_uri, dst_path=str(tmp)))
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(got, folder / rel)
-    return folder
 
 
 @contextlib.contextmanager

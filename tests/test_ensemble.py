@@ -96,4 +96,4 @@ def test_the_champion_moves_only_on_the_same_test_set(ensemble_dir, tmp_path):
     assert str(client.get_model_version_by_alias("m", "champion").version) == third["version"]
     v3 = MlflowClient(uri).get_model_version("m", third["version"])
     assert v3.tags["test_set_hash"] == "setB" and v3.tags["champion_decision"] == "promoted"
-    assert Path(mlflow.artifacts.download_artifacts("models:/m@champion", tracking_uri=uri), "ensemble.json").exists()
+    assert (tracking.download_ensemble("models:/m@champion", uri, tmp_path / "champion") / "ensemble.json").exists()

@@ -1,0 +1,101 @@
+"""The registered ensemble as an MLflow pyfunc model: loaded by URI alone, it segments a path or an
+array like `viola predict`, and each member checkpoint is stored once (on its member run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import head_volume, write_nifti
+from viola_models.ensemble import load_ensemble, read_manifest, write_ensemble
+from viola_models.segment import segment_scan
+
+
+@pytest.fixture()
+def registered(ensemble_dir, tmp_path) -> str:
+    """A round as the pipeline leaves it: member runs holding the checkpoints, a round run whose
+    ensemble is registered as version 1 (champion) of model ``m``."""
+    from tasks import tracking
+    from tasks.registry import register_ensemble
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client_for(uri)
+    exp = tracking.experiment_id(client, "e")
+    round_run = tracking.create_run(client, exp, "round 0", tags={})
+    members = []
+    for m, ck in zip(read_manifest(ensemble_dir)["members"], read_manifest(ensemble_dir)["checkpoints"]):
+        run = tracking.create_run(client, exp, m["name"], parent_run_id=round_run, tags={})
+        client.log_artifact(run, str(ck), "checkpoint")
+        members.append({"name": m["name"], "checkpoint": ck, "run_id": run})
+    folder = tmp_path / "round" / "ensemble"
+    write_ensemble(folder, members, load_ensemble(ensemble_dir).preprocess)
+    res = register_ensemble.fn(folder, "m", uri, round_run, 0, 0.5, "set", {}, cache=tmp_path / "cache",
+                               evaluate={"overlap": 0.25})
+    assert res["champion"]
+    return uri
+
+
+@pytest.fixture()
+def tracking_uri_set(registered):
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registered)
+    yield registered
+    mlflow.set_tracking_uri(before)
+
+
+def test_the_champion_segments_paths_and_arrays(tracking_uri_set, ensemble_dir, tmp_path):
+    uri = tracking_uri_set
+    # stored once: the version's files hold the manifest, not the checkpoints
+    raw = Path(mlflow.artifacts.download_artifacts("models:/m@champion", tracking_uri=uri,
+                                                   dst_path=str(tmp_path / "raw")))
+    assert (raw / "MLmodel").is_file() and not list(raw.rglob("*.pt"))
+
+    model = mlflow.pyfunc.load_model("models:/m@champion")
+    sig = model.metadata.signature
+    assert [c.name for c in sig.inputs.inputs] == ["path", "image", "affine"]
+    assert {p.name for p in sig.params.params} == {"overlap", "tta", "output_dir", "return_mask"}
+
+    img, _, aff = head_volume(codes="LPS", seed=5, lesions=((6, 4, 0, 12.0),))
+    scan = write_nifti(tmp_path / "in" / "head.nii.gz", img, aff, np.int16)
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not gzip")
+    expected = segment_scan(scan, load_ensemble(ensemble_dir), overlap=0.25)
+
+    table = model.predict(pd.DataFrame({"path": [str(scan), str(tmp_path / "in" / "broken.nii.gz")]}),
+                          params={"overlap": 0.25, "output_dir": str(tmp_path / "out")})
+    ok, bad = table.iloc[0], table.iloc[1]
+    assert ok.status == "ok" and np.array_equal(ok["mask"], expected.mask)
+    assert ok.volume_ml == pytest.approx(expected.volume_ml) and ok.n_lesions == expected.n_lesions
+    assert ok.agreement == pytest.approx(expected.scores["agreement"])
+    written = nib.load(ok.mask_path)
+    assert np.array_equal(np.asarray(written.dataobj), expected.mask) and np.allclose(written.affine, aff)
+    assert bad.status == "rejected" and bad.reason and bad["mask"] is None
+
+    # the same scan as an array with its affine gives the same mask
+    arr = model.predict({"image": np.asarray(nib.load(scan).dataobj, dtype=np.float32), "affine": aff},
+                        params={"overlap": 0.25, "return_mask": True}).iloc[0]
+    assert arr.status == "ok" and np.array_equal(arr["mask"], expected.mask)
+    # an array that is not in Hounsfield units is refused in one line, like a file
+    wrong = model.predict({"image": np.full((20, 20, 8), 0.5, np.float32), "affine": np.eye(4)}).iloc[0]
+    assert wrong.status == "rejected" and "all voxels are 0.5" in wrong.reason
+    with pytest.raises(Exception, match="no scan given"):
+        model.predict(pd.DataFrame({"path": [""]}))
+
+
+def test_the_cli_loads_the_pyfunc_version(registered, tmp_path):
+    """`viola predict --model models:/...` takes the ensemble out of the pyfunc model."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    img, _, aff = head_volume(codes="RAS", seed=2)
+    write_nifti(tmp_path / "in" / "a.nii.gz", img, aff, np.int16)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
+                                   "models:/m@champion", "--tracking-uri", registered, "--device", "cpu",
+                                   "--backend", "torch", "--overlap", "0.25"])
+    assert res.exit_code == 0, res.output
+    assert "2 member(s)" in res.output and (tmp_path / "out" / "a.nii.gz").is_file()
