@@ -3,9 +3,8 @@ hash; a mask written back as a DICOM SEG that references the series.
 
 The one module that reads or writes DICOM. A series folder holds the single-frame slices of one
 CT series (file names do not matter; hidden files, a DICOMDIR and objects without an image, such
-as reports, are skipped; localizer images are set aside). The volume is built the way a NIfTI
-converter would build it, so that a series and the NIfTI written from the same data read as the
-same array and affine:
+as reports, are skipped; localizer images are set aside). The volume is laid out so that a series
+and a NIfTI file of the same data on the same grid read as the same array and affine:
 
 * voxel axes: x = the image columns, y = the image rows, z = the slices in ascending position
   along the slice normal (ImageOrientationPatient's row direction x column direction), never in
@@ -93,13 +92,13 @@ def _has_dicm_marker(path: Path) -> bool:
 
 
 def holds_dicom_files(folder: Path) -> bool:
-    """Whether ``folder`` directly holds a DICOM file (checked by its "DICM" marker), i.e. is a
-    series folder rather than a folder of scans."""
+    """Whether ``folder`` directly holds a DICOM file (checked by its "DICM" marker; a DICOMDIR does
+    not count), i.e. is a series folder rather than a folder of scans or of series folders."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    return any(not p.name.lower().endswith((".nii", ".nii.gz")) and _has_dicm_marker(p)
-               for p in series_files(folder))
+    return any(not p.name.lower().endswith((".nii", ".nii.gz")) and p.name.upper() != "DICOMDIR"
+               and _has_dicm_marker(p) for p in series_files(folder))
 
 
 def series_signature(folder: Path) -> tuple[int, int]:
@@ -196,9 +195,10 @@ def _headers(folder: Path) -> tuple[list, list[Path]]:
     if len(files) > _MAX_FILES:
         raise ScanError(f"{len(files)} files, more than any CT series has slices (limit {_MAX_FILES})")
     groups: dict[str, tuple[list, list[str], list[Path]]] = {}
-    localizers = 0
+    localizers = skipped = 0
     for path in files:
         if path.name.upper() == "DICOMDIR":
+            skipped += 1
             continue
         try:
             ds = _read_header(path)
@@ -206,9 +206,11 @@ def _headers(folder: Path) -> tuple[list, list[Path]]:
             raise ScanError(f"{path.name}: cannot read file ({e.strerror or e})") from None
         media_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
         if media_class == _DICOMDIR_CLASS:
+            skipped += 1
             continue
         if "Rows" not in ds or "Columns" not in ds:  # a report, a key-object selection, ...: no image
             log.debug("%s: %s holds no image, skipped", folder, path.name)
+            skipped += 1
             continue
         if _is_localizer(ds):
             localizers += 1
@@ -221,7 +223,8 @@ def _headers(folder: Path) -> tuple[list, list[Path]]:
     if not groups:
         if localizers:
             raise ScanError(f"only localizer (scout) images ({localizers}): no CT volume in the folder")
-        raise ScanError("no DICOM image in the folder")
+        raise ScanError(f"no DICOM image in the folder ({skipped} file(s) without one: a DICOMDIR or "
+                        "non-image objects; sub-folders are not searched)")
     if len(groups) > 1:
         shown = "; ".join(_describe(uid, ds, names) for uid, (ds, names, _) in list(groups.items())[:3])
         more = f"; and {len(groups) - 3} more" if len(groups) > 3 else ""
