@@ -26,7 +26,8 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -319,13 +320,16 @@ def _validate(root: Path, cand: _Candidate, binarize: bool) -> dict[str, str]:
 
 
 def ingest(
-    root: Path, binarize_labels: bool = False, workers: int | None = None, lock_timeout_s: float = 120.0
+    root: Path, binarize_labels: bool = False, workers: int | None = None, lock_timeout_s: float = 120.0,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> IngestReport:
     """Register or refresh the catalog of ``root``; only new or changed files are read.
 
     A file whose size and modification time match the catalog is not opened; others are hashed,
     and only those whose content hash changed are validated again. Invalid files are recorded as
     rejected with a one-line reason; they never stop the others. Returns what changed.
+    ``on_progress(done, total, image_path)`` is called after each file read (from worker threads,
+    one call at a time).
     """
     root = Path(root).resolve()
     layout, cands = discover(root)
@@ -396,10 +400,19 @@ def ingest(
 
         item_kind: dict[str, str] = {}
         n_workers = workers or min(4, os.cpu_count() or 1)
+        done, done_lock = [0], threading.Lock()
+
+        def read_one(item: tuple[dict[str, str], _Candidate, str]) -> None:
+            hash_and_validate(item)
+            if on_progress is not None:
+                with done_lock:
+                    done[0] += 1
+                    on_progress(done[0], len(to_check), item[1].image)
+
         if to_check:
             log.info("reading %d new or changed file(s) with %d worker(s)", len(to_check), n_workers)
             with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                list(pool.map(hash_and_validate, to_check))
+                list(pool.map(read_one, to_check))
         for _, cand, _ in to_check:
             kind = item_kind[cand.image]
             if kind == "unchanged":

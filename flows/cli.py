@@ -76,9 +76,15 @@ def ingest(
     Images are NIfTI files or folders holding one DICOM series each (e.g. unlabelled/CASE/*.dcm)."""
     _setup()
     from data_catalog import catalog
+    from tasks.progress import progress
 
     try:
-        report = catalog.ingest(data_root, binarize_labels=binarize_labels)
+        with progress("ingest", None, logging.getLogger("data_catalog.catalog"), unit="files read") as bar:
+            def read(done: int, total: int, path: str) -> None:
+                bar.set_total(total)
+                bar.update(done, path)
+
+            report = catalog.ingest(data_root, binarize_labels=binarize_labels, on_progress=read)
     except (*_KNOWN, catalog.CatalogBusyError) as e:
         _fail(str(e))
     for line in report.lines():
@@ -247,18 +253,25 @@ def predict(
     how = f" ({chosen[0]}, {chosen[1]})" if device == "cpu" else ""
     typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}{how}")
 
-    def progress(i: int, n: int, row: dict) -> None:
-        if row["status"] == "ok":
-            typer.echo(f"[{i}/{n}] {row['file_name']}: {row['predicted_volume_ml']} ml in {row['n_lesions']} "
-                       f"lesion(s), agreement {row['agreement']}, predicted Dice {row['predicted_dice']}, "
-                       f"{row['inference_seconds']} s")
-        else:
-            typer.echo(f"[{i}/{n}] {row['file_name']}: rejected: {row['reason']}")
+    from tasks.progress import format_seconds, progress
 
     t0 = time.perf_counter()
     try:
-        table = predict_folder(input, output, ensemble, overlap=overlap, tta=tta, overlays=overlays,
-                               on_scan=progress, dicom_seg=dicom_seg)
+        with progress("segment", None, unit="scans") as bar:  # a bar in a terminal; the lines below always
+            def report(i: int, n: int, row: dict) -> None:
+                bar.set_total(n)
+                bar.update(i, row["file_name"])
+                left = bar.remaining_s()
+                left = f"; about {format_seconds(left)} left" if left and left >= 1 and i < n else ""
+                if row["status"] == "ok":
+                    typer.echo(f"[{i}/{n}] {row['file_name']}: {row['predicted_volume_ml']} ml in "
+                               f"{row['n_lesions']} lesion(s), agreement {row['agreement']}, predicted Dice "
+                               f"{row['predicted_dice']}, {row['inference_seconds']} s{left}")
+                else:
+                    typer.echo(f"[{i}/{n}] {row['file_name']}: rejected: {row['reason']}{left}")
+
+            table = predict_folder(input, output, ensemble, overlap=overlap, tta=tta, overlays=overlays,
+                                   on_scan=report, dicom_seg=dicom_seg)
     except _KNOWN as e:
         _fail(str(e))
     ok = int((table.status == "ok").sum())

@@ -11,6 +11,7 @@ from prefect import task
 from data_catalog import catalog
 from data_catalog.preprocessing import PreprocessSettings, cached_preprocess
 from data_catalog.scans import ScanError
+from tasks.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,21 @@ def preprocess_catalog(root: Path, cache: Path, settings: PreprocessSettings,
     scans = catalog.usable_scans(root)
     scans = scans[scans.role.isin(roles)]
     out: dict[str, dict] = {}
-    hits, t0 = 0, time.perf_counter()
-    for i, r in enumerate(scans.itertuples(), 1):
-        label = str(root / r.label_path) if r.label_path else None
-        try:
-            path, hit = cached_preprocess(cache, root / r.image_path, r.image_hash, settings,
-                                          label, r.label_hash or None, r.label_transform == "binarize")
-        except ScanError as e:  # the file changed since ingest; the next ingest will record it
-            log.warning("skipping %s: %s", r.image_path, e)
-            continue
-        hits += hit
-        out[r.scan_id] = {"role": r.role, "image": str(root / r.image_path), "image_hash": r.image_hash,
-                          "label": label, "label_hash": r.label_hash or "", "cache": str(path)}
-        if i % 10 == 0 or i == len(scans):
-            log.info("preprocess %d/%d (%d from cache, %.1f s)", i, len(scans), hits, time.perf_counter() - t0)
+    hits = 0
+    with progress("preprocess", len(scans), log, unit="scans") as bar:
+        for r in scans.itertuples():
+            label = str(root / r.label_path) if r.label_path else None
+            try:
+                path, hit = cached_preprocess(cache, root / r.image_path, r.image_hash, settings,
+                                              label, r.label_hash or None, r.label_transform == "binarize")
+            except ScanError as e:  # the file changed since ingest; the next ingest will record it
+                log.warning("skipping %s: %s", r.image_path, e)
+                bar.advance()
+                continue
+            hits += hit
+            out[r.scan_id] = {"role": r.role, "image": str(root / r.image_path), "image_hash": r.image_hash,
+                              "label": label, "label_hash": r.label_hash or "", "cache": str(path)}
+            bar.advance(note=f"{hits} from cache")
     return out
 
 

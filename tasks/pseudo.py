@@ -18,6 +18,7 @@ from data_catalog.scans import read_image
 from data_catalog.selection import SelectionRule, select_pseudo_labels
 from tasks import tracking
 from tasks.compute import worker_device
+from tasks.progress import progress
 from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
@@ -33,8 +34,10 @@ def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], 
     ``out_dir``, which :func:`pseudo_label` reads back instead of predicting again). Nothing is
     tracked here; returns how many scans have a mask."""
     dev = worker_device(device, threads)
-    table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev, inference=inference), scans,
-                        Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta)
+    with progress("pseudo-label", len(scans), log, unit="scans") as bar:
+        table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev, inference=inference), scans,
+                            Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta,
+                            on_scan=lambda i, n, row: bar.update(i, row.get("scan_id", "")))
     return int((table.get("error", pd.Series(dtype=str)) == "").sum()) if len(table) else 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import task
@@ -15,6 +16,7 @@ from prefect import task
 from data_catalog.scans import atomic_write
 from tasks import tracking
 from tasks.compute import worker_device
+from tasks.progress import progress
 from viola_models.training import TrainCallbacks, TrainSettings, fit, fit_digest
 
 log = logging.getLogger(__name__)
@@ -164,21 +166,31 @@ def train_member(
         tracking.log_datasets(client, run_id, spec["datasets"], source=spec.get("data_root", ""),
                               name_prefix=f"fold{spec['fold']}/")
 
+    stack = ExitStack()
+    total_steps = settings.max_steps + (final_settings.max_steps if final_settings else 0)
+    bar = stack.enter_context(progress(f"train {spec['name']}", total_steps, unit="steps"))  # fit logs its own lines
+
     def callbacks(offset: int) -> TrainCallbacks:
+        def on_log(step: int, metrics: dict) -> None:
+            tracking.log_metrics(client, run_id, metrics, step + offset)
+            bar.update(step + offset, f"loss {metrics['train/loss']:.4f}")
+
         return TrainCallbacks(
-            on_log=lambda step, metrics: tracking.log_metrics(client, run_id, metrics, step + offset),
+            on_log=on_log,
             on_validation=lambda step, dice, best: tracking.log_metrics(client, run_id, {"val/dice": dice},
                                                                         step + offset))
 
     meta = {"member": spec["name"], "fold": spec["fold"], "round": round_}
-    result = fit(train, val, settings, out_dir, init_weights=init, callbacks=callbacks(0), device=device, meta=meta,
-                 item_weights=weights)
-    seconds = result.seconds
-    if final_settings is not None:
-        labelled = [Path(p) for p in spec["labelled"]]
-        result = fit(labelled, val, final_settings, out_dir / "labelled_only", init_weights=result.best_checkpoint,
-                     callbacks=callbacks(settings.max_steps), device=device, meta=meta)
-        seconds += result.seconds
+    with stack:
+        result = fit(train, val, settings, out_dir, init_weights=init, callbacks=callbacks(0), device=device,
+                     meta=meta, item_weights=weights)
+        seconds = result.seconds
+        if final_settings is not None:
+            labelled = [Path(p) for p in spec["labelled"]]
+            result = fit(labelled, val, final_settings, out_dir / "labelled_only",
+                         init_weights=result.best_checkpoint, callbacks=callbacks(settings.max_steps), device=device,
+                         meta=meta)
+            seconds += result.seconds
     # a rerun of a finished member logs only what a crash may have kept from being logged
     if "val/best_dice" not in client.get_run(run_id).data.metrics:
         tracking.log_metrics(client, run_id, {"val/best_dice": result.best_dice, "train/seconds": seconds,

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient

@@ -467,8 +467,8 @@ def fit(
             sec = (time.perf_counter() - window_t) / window_n
             metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/sec_per_step": sec}
             history.append({"step": step, **metrics})
-            log.info("%s: step %d/%d loss %.4f lr %.2e (%.2f s/step)", out_dir.name, step, settings.max_steps,
-                     metrics["train/loss"], lr, sec)
+            log.info("%s: step %d/%d loss %.4f lr %.2e (%.2f s/step, about %.1f min left)", out_dir.name, step,
+                     settings.max_steps, metrics["train/loss"], lr, sec, sec * (settings.max_steps - step) / 60)
             if cb.on_log:
                 cb.on_log(step, metrics)
             window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
