@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def _has_scans(root: Path) -> bool:
-    return any(root.glob("train/data/*.nii*")) or any(root.glob("imagesTr/*.nii*")) or any(
-        root.glob("unlabelled/*.nii*"))
+    """Whether the root holds scans already (NIfTI files or DICOM series folders): then no phantoms."""
+    return any(any(p.name.endswith((".nii", ".nii.gz")) or p.is_dir() for p in root.glob(f"{folder}/*"))
+               for folder in ("train/data", "imagesTr", "unlabelled"))
 
 
 @task(name="prepare-data")
