@@ -35,12 +35,15 @@ def reference() -> dict:
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> dict[str, Path]:
-    """Files shaped like the authors' releases: a viola_l state_dict in their key names, and an
-    nnunet_r one wrapped in {"state_dict": ...} with DataParallel's ``module.`` prefix."""
+    """Files shaped like the authors' releases: a viola_l state_dict in their key names, a viola_s one
+    under {"model": ...}, and an nnunet_r one wrapped in {"state_dict": ...} with DataParallel's
+    ``module.`` prefix."""
     tmp = tmp_path_factory.mktemp("published")
     torch.manual_seed(0)
-    files = {"viola_l": tmp / "viola_l_fold0.pth", "nnunet_r": tmp / "nnunet_r_fold0.pth"}
+    files = {"viola_l": tmp / "viola_l_fold0.pth", "nnunet_r": tmp / "nnunet_r_fold0.pth",
+             "viola_s": tmp / "viola_s_fold0.pth"}
     torch.save(to_reference_state_dict(build_model("viola_l").state_dict()), files["viola_l"])
+    torch.save({"model": to_reference_state_dict(build_model("viola_s").state_dict())}, files["viola_s"])
     torch.save({"state_dict": {f"module.{k}": v for k, v in build_model("nnunet_r").state_dict().items()},
                 "epoch": 300}, files["nnunet_r"])
     return files
