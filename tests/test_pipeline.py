@@ -4,6 +4,7 @@ MLflow store: runs, tags, artifacts, lineage, the registered model, and resume a
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import mlflow
@@ -45,13 +46,23 @@ def _runs(client: MlflowClient, experiment: str) -> pd.DataFrame:
                           "tags": r.data.tags, "metrics": r.data.metrics, "params": r.data.params} for r in runs])
 
 
-def test_two_rounds_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def two_rounds(prefect_api, tmp_path_factory) -> tuple[Path, str, list[dict]]:
+    """Rounds 0 and 1 of the tiny profile and round 1's control in a temporary store: (data root,
+    tracking URI, the flow's summaries). Built once for the tests that read it."""
     from flows.self_training import self_training
 
-    (tmp_path / "mlruns").mkdir()
-    root = _phantoms(tmp_path / "data")
-    uri = _uri(tmp_path)
-    summaries = self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=uri, control=True)
+    tmp = tmp_path_factory.mktemp("two_rounds")
+    (tmp / "mlruns").mkdir()
+    root = _phantoms(tmp / "data")
+    uri = _uri(tmp)
+    return root, uri, self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=uri, control=True)
+
+
+def test_two_rounds_end_to_end(two_rounds, tmp_path):
+    from flows.self_training import self_training
+
+    root, uri, summaries = two_rounds
     assert [(s["round"], s["arm"]) for s in summaries] == [(0, "self-training"), (0, "control"), (1, "self-training"),
                                                           (1, "control")]
     assert summaries[1]["skipped"].startswith("round 0 has no control")
@@ -183,6 +194,20 @@ def test_two_rounds_end_to_end(tmp_path):
     again = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)
     assert again[0]["skipped"].startswith("round 2 skipped: nothing new since round 1")
     assert len(_runs(client, "self-training-tiny")) == len(runs)
+
+
+def test_mlflow_ui_shows_the_rounds(two_rounds, tmp_path):
+    """What a person sees: ``mlflow ui`` over the store, driven in headless Chromium, lists the round
+    runs with their test DSC and compares them side by side."""
+    from tests import ui_check
+
+    if ui_check.find_chromium() is None:
+        pytest.skip("no Chromium browser on the PATH (Debian: apt-get install chromium)")
+    shot = tmp_path / "compare.png"
+    runs = ui_check.check_rounds_in_ui(two_rounds[1], "self-training-tiny", shot)
+    assert [(r.round, r.arm) for r in runs] == [(0, "self-training"), (1, "self-training"), (1, "control")]
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == ui_check.VIEWPORT
 
 
 def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monkeypatch):
