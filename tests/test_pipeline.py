@@ -15,6 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from data_catalog import catalog
 from tasks import tracking
+from tests import ui_check
 from viola_models.ensemble import load_ensemble
 
 pytestmark = pytest.mark.slow
@@ -196,13 +197,11 @@ def test_two_rounds_end_to_end(two_rounds, tmp_path):
     assert len(_runs(client, "self-training-tiny")) == len(runs)
 
 
+@pytest.mark.skipif(ui_check.find_chromium() is None, reason="no Chromium browser on the PATH (Debian: "
+                    "apt-get install chromium)")
 def test_mlflow_ui_shows_the_rounds(two_rounds, tmp_path):
     """What a person sees: ``mlflow ui`` over the store, driven in headless Chromium, lists the round
     runs with their test DSC and compares them side by side."""
-    from tests import ui_check
-
-    if ui_check.find_chromium() is None:
-        pytest.skip("no Chromium browser on the PATH (Debian: apt-get install chromium)")
     shot = tmp_path / "compare.png"
     runs = ui_check.check_rounds_in_ui(two_rounds[1], "self-training-tiny", shot)
     assert [(r.round, r.arm) for r in runs] == [(0, "self-training"), (1, "self-training"), (1, "control")]

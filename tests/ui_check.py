@@ -34,7 +34,6 @@ from websockets.sync.client import connect
 from tests.servers import free_port, stop_group
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-MLFLOW = Path(sys.executable).with_name("mlflow")
 VIEWPORT = (1400, 900)
 TRAINING = "workflowType=machine_learning"  # the UI's "Model training" side bar, not the GenAI one
 
@@ -76,7 +75,7 @@ def mlflow_ui(tracking_uri: str, workdir: Path) -> Iterator[str]:
         shutil.copyfile(tracking_uri.removeprefix("sqlite:///"), copy)
         tracking_uri = f"sqlite:///{copy}"
     port = free_port()
-    cmd = [str(MLFLOW), "ui", "--backend-store-uri", tracking_uri, "--default-artifact-root",
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--default-artifact-root",
            str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     with open(workdir / "mlflow-ui.log", "w") as log:
@@ -128,7 +127,8 @@ def chromium(binary: str, workdir: Path, viewport: tuple[int, int] = VIEWPORT) -
            f"--user-data-dir={profile}", f"--window-size={viewport[0]},{viewport[1]}", "--no-first-run",
            "--no-default-browser-check", "--disable-extensions", "--disable-gpu", "--disable-dev-shm-usage",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--mute-audio",
-           "--hide-scrollbars", "--no-sandbox", "about:blank"]  # no sandbox: tests may run as root or in a container
+           "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no network
+           "--no-sandbox", "about:blank"]  # no sandbox: tests may run as root or in a container
     with open(workdir / "chromium.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = None
@@ -318,7 +318,8 @@ def check_rounds_in_ui(tracking_uri: str, experiment: str, out: Path, rounds: tu
 
         # the compare view of the round runs
         ids, exps = (urllib.parse.quote(json.dumps(x)) for x in ([r.run_id for r in runs], [exp_id]))
-        open_page(page, f"{base}/#/compare-runs?runs={ids}&experiments={exps}&{TRAINING}", [*names, "Metrics"])
+        open_page(page, f"{base}/#/compare-runs?runs={ids}&experiments={exps}&{TRAINING}",
+                  [f"Comparing {len(runs)} Runs", *names, "Metrics"])
         columns = _wait(lambda: page.evaluate(_COMPARE_RUN_NAMES), 30, "the run names of the compare view")
         assert columns == names, f"compare view: runs {columns}, expected {names}"
         row = _wait(lambda: page.evaluate(_COMPARE_TABLE_ROW % json.dumps(metric)), 30,
