@@ -241,3 +241,35 @@ def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monk
     runs = _runs(MlflowClient(uri), "self-training-tiny")
     assert (runs.kind == "round").sum() == 1 and (runs.kind == "member").sum() == 2
     assert set(runs.status) == {"FINISHED"}
+
+
+def test_unlabelled_dicom_series_become_pseudo_labels(tmp_path):
+    """Unlabelled scans arriving as DICOM series folders go through a whole round like NIfTI files:
+    cataloged, preprocessed, labelled by the teacher on the series' own grid, learnt from."""
+    import nibabel as nib
+    import numpy as np
+
+    from data_catalog.scans import read_image
+    from flows.self_training import self_training
+    from tests.test_dicom import write_series
+
+    root = _phantoms(tmp_path / "data")
+    for f in sorted((root / "unlabelled").glob("*.nii.gz")):
+        img = nib.load(f)
+        write_series(root / "unlabelled" / f.name.removesuffix(".nii.gz"), np.asarray(img.dataobj, np.float32),
+                     img.affine)
+        f.unlink()
+    (tmp_path / "mlruns").mkdir()
+    summaries = self_training(profile="tiny", data_root=str(root), rounds=2, tracking_uri=_uri(tmp_path))
+    assert [s["round"] for s in summaries] == [0, 1]
+
+    scans = catalog.load_scans(root)
+    series = scans[scans.role == "unlabelled"]
+    assert len(series) == 3 and set(series.status) == {"ok"}
+    assert all((root / p).is_dir() for p in series.image_path)
+    pseudo = catalog.load_pseudo_labels(root, 1)
+    assert sorted(pseudo.scan_id) == sorted(series.scan_id) and pseudo.selected.any()
+    for r in pseudo.itertuples():  # each mask lies on its series' grid
+        _, info = read_image(root / "unlabelled" / r.scan_id)
+        mask = nib.load(root / r.mask_path)  # an absolute path stays itself
+        assert mask.shape == info.shape and np.allclose(mask.affine, info.affine, atol=1e-4)
