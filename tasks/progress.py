@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 __all__ = ["Progress", "format_seconds", "interactive", "progress"]
 
 _LOG_EVERY_S = 30.0  # a log line at most this often (and at the first and last item)
+_bar_lock = threading.Lock()
+_drawing = False  # a bar is on the terminal
 
 
 def interactive() -> bool:
@@ -159,9 +162,19 @@ def progress(description: str, total: int | None, log: logging.Logger | None = N
              unit: str = "") -> Iterator[Progress]:
     """A progress reporter for ``total`` items: a bar in a terminal, else a log line (on ``log``;
     none without one, for callers that print their own) at the first item, every 30 s and at the
-    last, each with the time elapsed and left."""
-    reporter = (_BarProgress if interactive() else Progress)(description, total, log, unit)
+    last, each with the time elapsed and left. While one bar is drawn, a second reporter of the
+    process (a task in another thread, a nested step) writes log lines."""
+    global _drawing
+    with _bar_lock:  # one bar at a time per process (rich draws one live display); others log
+        bar = interactive() and not _drawing
+        _drawing = _drawing or bar
     try:
-        yield reporter
+        reporter = (_BarProgress if bar else Progress)(description, total, log, unit)
+        try:
+            yield reporter
+        finally:
+            reporter.close()
     finally:
-        reporter.close()
+        if bar:
+            with _bar_lock:
+                _drawing = False

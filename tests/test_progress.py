@@ -61,3 +61,18 @@ def test_a_bar_in_a_terminal_keeps_log_records_and_restores_the_handlers(monkeyp
         assert "skipping x.nii.gz: truncated" in seen.getvalue()
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_second_reporter_logs_while_a_bar_is_drawn(monkeypatch, caplog):
+    """Two tasks of one process at once: one bar on the terminal, the other in log lines."""
+    pytest.importorskip("rich")
+    monkeypatch.setenv("VIOLA_PROGRESS", "bar")
+    log = logging.getLogger("tests.progress.second")
+    with (progress("train a", 2) as first, caplog.at_level(logging.INFO, logger="tests.progress.second"),
+          progress("train b", 2, log) as second):
+        assert isinstance(first, progress_mod._BarProgress) and type(second) is progress_mod.Progress
+        second.advance()
+        second.advance()
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["train b: 1/2", "train b: 2/2"]
+    with progress("after", 1) as third:  # the terminal is free again
+        assert isinstance(third, progress_mod._BarProgress)
