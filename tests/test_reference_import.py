@@ -57,6 +57,8 @@ def test_configurations_are_recognised_from_the_weights(published, reference):
     assert identify_reference_checkpoint(reference)["name"] == "viola_tiny"
     with pytest.raises(ValueError, match="do not fit configuration 'viola_s'"):
         identify_reference_checkpoint(torch.load(published["viola_l"], weights_only=True), "viola_s")
+    with pytest.raises(ValueError, match="unknown configuration 'viola_xl'"):
+        identify_reference_checkpoint(torch.load(published["viola_l"], weights_only=True), "viola_xl")
 
 
 def test_imported_members_reproduce_the_authors_output(reference, published, tmp_path):

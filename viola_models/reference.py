@@ -179,9 +179,17 @@ def _config_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def _config_from_reference(raw: Mapping[str, Any] | str) -> dict:
     """The authors' constructor arguments as this package's configuration (``arch`` included)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            from viola_models.configs import MODEL_CONFIGS
+
+            raise ValueError(f"unknown configuration {raw!r}: give one of {', '.join(MODEL_CONFIGS)}, or the "
+                             "authors' constructor arguments as JSON") from None
     model = from_reference_config(raw)  # validates them (unknown, unsupported arguments)
     del model
-    cfg = dict(json.loads(raw) if isinstance(raw, str) else raw)
+    cfg = dict(raw)
     cfg.pop("gated_att", None)
     cfg.pop("sum_deep_supr", None)
     cfg.setdefault("spatial_dims", 3)
