@@ -190,13 +190,17 @@ def read_image(path: Path, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]
         if not np.issubdtype(data.dtype, np.number):
             raise ScanError(f"non-numeric voxel type {data.dtype}")
         image = np.asarray(data, dtype=np.float32)
+    return _check_values(image, check_hu), info
+
+
+def _check_values(image: np.ndarray, check_hu: bool) -> np.ndarray:
+    """The checks every image gets, whatever it came from: finite, and (``check_hu``) in HU."""
     finite = np.isfinite(image)
     if not finite.all():
-        n_bad = int(image.size - finite.sum())
-        raise ScanError(f"{n_bad} NaN or infinite voxel(s)")
+        raise ScanError(f"{int(image.size - finite.sum())} NaN or infinite voxel(s)")
     if check_hu:
         _check_hounsfield(image)
-    return image, info
+    return image
 
 
 def array_image(array: np.ndarray, affine: np.ndarray, check_hu: bool = True) -> tuple[np.ndarray, ScanInfo]:
@@ -210,13 +214,7 @@ def array_image(array: np.ndarray, affine: np.ndarray, check_hu: bool = True) ->
     if affine.shape != (4, 4):
         raise ScanError(f"affine must be 4 x 4, got shape {affine.shape}")
     info = scan_info(affine, data.shape)
-    image = np.asarray(data, dtype=np.float32)
-    finite = np.isfinite(image)
-    if not finite.all():
-        raise ScanError(f"{int(image.size - finite.sum())} NaN or infinite voxel(s)")
-    if check_hu:
-        _check_hounsfield(image)
-    return image, info
+    return _check_values(np.asarray(data, dtype=np.float32), check_hu), info
 
 
 def voxel_hash(image: np.ndarray, info: ScanInfo) -> str:

@@ -31,8 +31,6 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 __all__ = ["ENSEMBLE_ARTIFACT", "EnsembleModel", "model_ensemble_dir", "save_ensemble_model", "signature"]
 
-log = logging.getLogger(__name__)
-
 ENSEMBLE_ARTIFACT = "ensemble"  # the key (and folder) of the ensemble inside the pyfunc model
 _SCORES = ("predicted_dice", "agreement", "union_agreement", "mean_max_probability", "volume_cv")
 _REQUIREMENTS = ("torch", "monai", "nibabel", "numpy", "pandas", "scipy", "pydantic", "mlflow", "pydicom")
