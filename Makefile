@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/viola run --profile demo --rounds 2
+	$(BIN)/viola run --profile demo --rounds 2 --control
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -1,32 +1,41 @@
 """Does a pseudo-label round beat the labels alone? Self-training against its controls, on phantoms.
 
 For each phantom seed (a fresh data root: labelled, unlabelled and test phantoms, with the hidden
-truth of the unlabelled ones), through the real pipeline (the `self-training` flow):
+truth of the unlabelled ones), through the real pipeline (the `self-training` flow), with the
+``bench`` profile by default (many test phantoms, short rounds):
 
 * round 0, then round 1 with its two siblings: the control (the same round without pseudo-labels:
   same steps, schedule, seeds and initial weights) and the oracle (the unlabelled scans with their
   true labels instead of pseudo-labels);
 * round 2 (forced: the data did not change) with its control, which continues the control chain,
   so that control 2 has had exactly the compute of round 2;
-* with ``--options``, round 1 again in a copy of the data root after round 0, once per variant:
-  the paper profile's stricter rule (target Dice 0.8, unweighted), a lenient one (0.3), the
-  pseudo-label loss unweighted, a student trained from scratch (noisy student) and a last
-  labelled-only fine-tune,
-  each with its own control where the option changes what the control does.
+* with ``--options``, round 1 again in a copy of the data root after round 0, once per variant
+  (``OPTIONS``: the paper's student, a stricter or a lenient rule, no rank selection, no strong
+  noise, no balanced batches, a student from scratch), each with its own control where the option
+  changes what the control does.
 
-It prints one table: test DSC and NSD, mean and sd over the seeds, per arm; gap closed =
-(self-training - control) / (oracle - control); the quality of the selected pseudo-labels against
-the hidden truth; the rank correlation of confidence and true Dice. Nothing here looks at a test
-scan to choose anything: the profile's settings are used as they are.
+What it reports (``report.txt``):
 
-    python benchmarks/bench_self_training.py --out bench_out [--seeds 2026 2027 2028] [--options]
+* per arm, test DSC and NSD, mean ± sd over the seeds; the members' out-of-fold validation Dice;
+  the transductive Dice (the ensemble on the unlabelled scans against their hidden truth, the
+  paper's own setting) of round 0, control 1, round 1 and round 2's teacher;
+* for the key differences (round 1 - control 1, round 1 - round 0, round 2 - round 1, ...) the
+  primary statistic, fixed before the runs: the mean paired per-case difference of test DSC at the
+  round's final ensemble, with its 95 % interval from a two-level bootstrap (seeds, then test cases
+  within a seed, the same cases for both arms: ``viola_models.evaluation.two_level_bootstrap``), and
+  the share of seeds where the first arm wins; gap closed = (round 1 - control 1) / (oracle 1 -
+  control 1) with its interval;
+* the quality of the selected pseudo-labels against the hidden truth, and the rank correlation of
+  confidence and true Dice.
+
+Nothing here looks at a test scan to choose anything: the profile's settings are used as they
+are, and were chosen on validation scans and the unlabelled scans' hidden truth of other seeds.
+
+    python benchmarks/bench_self_training.py --out bench_out [--seeds 2026 ...] [--options]
     python benchmarks/bench_self_training.py --out bench_out --report     # the table of what has run
 
-Each step is resumable: run the same command again after an interruption. The demo profile's
-core arms took about 65 minutes per seed on 2 CPU cores with two seeds side by side (one process
-each, ``--seeds``, ``OMP_NUM_THREADS=1``, separate ``--out`` and ``PREFECT_HOME``; ``--report`` reads
-every ``seed_*.json`` of one ``--out``); the options roughly double it. The core arms of every seed
-run before any option.
+Each step is resumable: run the same command again after an interruption. The core arms of every
+seed run before any option.
 """
 
 from __future__ import annotations
@@ -45,12 +54,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIONS = {  # overrides of the profile, and whether the option changes what its control does
-    "strict": ({"pseudo": {"rule": {"min_predicted_dice": 0.8}}, "student": {"pseudo_weight": "uniform"}}, False),
+    "paper-student": ({"pseudo": {"rule": {"min_predicted_dice": 0.8, "rank_fraction": 0.0}},
+                       "student": {"pseudo_weight": "uniform", "batch_pseudo_fraction": 0.0, "pseudo_augment": "same",
+                                   "pseudo_rampup_steps": 0}}, False),
+    "no-rank": ({"pseudo": {"rule": {"rank_fraction": 0.0}}}, False),
+    "same-noise": ({"student": {"pseudo_augment": "same"}}, False),
+    "one-pool": ({"student": {"batch_pseudo_fraction": 0.0}}, False),
     "lenient": ({"pseudo": {"rule": {"min_predicted_dice": 0.3}}}, False),
-    "unweighted": ({"student": {"pseudo_weight": "uniform"}}, False),
     "scratch": ({"student": {"init": "scratch"}}, True),
-    "final-labelled": ({"student": {"labelled_only_steps": 100}}, True),
 }
+
+CORE = ("round0", "round1", "round1-control", "round1-oracle", "round2", "round2-control")
 
 
 def _write_data(root: Path, seed: int, labelled: int, unlabelled: int, test: int) -> None:
@@ -81,8 +95,63 @@ def _record(results: dict, key: str, summary: dict, client) -> None:
     run = client.get_run(summary["run_id"])
     m = run.data.metrics
     results[key] = {"dsc": summary["test"].get("test/dsc"), "nsd": summary["test"].get("test/nsd"),
-                    "seconds": m.get("round/seconds"), "n_pseudo": m.get("round/n_pseudo_labels"),
+                    "val_dice": m.get("members/mean_val_dice"), "seconds": m.get("round/seconds"),
+                    "n_pseudo": m.get("round/n_pseudo_labels"), "teaches": summary.get("teaches"),
+                    "guard": summary.get("guard", ""),
                     **{k: v for k, v in m.items() if k.startswith("pseudo/")}}
+
+
+ARM_DIRS = {"round0": "round_000", "round1": "round_001", "round1-control": "round_001-control",
+            "round1-oracle": "round_001-oracle", "round2": "round_002", "round2-control": "round_002-control"}
+
+
+def _per_case(root: Path, out_csv: Path) -> None:
+    """The test scans' DSC and NSD of every core arm of one seed, one row per (arm, scan)."""
+    import pandas as pd
+
+    frames = []
+    for key, folder in ARM_DIRS.items():
+        csv = root / "viola_work" / "rounds" / folder / "test_metrics.csv"
+        if csv.exists():
+            t = pd.read_csv(csv)
+            frames.append(t.loc[t["status"] == "ok", ["scan_id", "dsc", "nsd"]].assign(arm=key))
+    if frames:
+        pd.concat(frames).to_csv(out_csv, index=False)
+
+
+def _transductive(root: Path, out: Path, profile: str) -> dict[str, float]:
+    """Mean Dice on the unlabelled scans against their hidden truth (the paper's own setting) of the
+    ensembles of round 0 (its masks are round 1's pseudo-labels), round 1 (round 2's), and of
+    control 1 and oracle 1, which label the same scans here."""
+    import pandas as pd
+
+    from data_catalog.catalog import TRUTH_DIR
+    from flows.profiles import load_profile
+    from viola_models.ensemble import load_ensemble
+    from viola_models.pseudo_labels import label_scans, with_true_dice
+
+    settings = load_profile(profile, root)
+    rounds = root / "viola_work" / "rounds"
+    records = sorted((rounds / "round_001" / "pseudo").glob("*.json"))
+    scans = {}
+    for rec in records:
+        row = json.loads(rec.read_text())
+        scans[row["scan_id"]] = {"image": row["image"], "image_hash": row["image_hash"]}
+    result = {}
+    for key, folder in (("round0", rounds / "round_001" / "pseudo"), ("round1", rounds / "round_002" / "pseudo")):
+        rows = [json.loads(r.read_text()) for r in sorted(folder.glob("*.json"))]
+        if rows:
+            table = with_true_dice(pd.DataFrame(rows), root / TRUTH_DIR)
+            result[key] = float(table["true_dice"].mean())
+    for key in ("round1-control", "round1-oracle"):
+        ens = rounds / ARM_DIRS[key] / "ensemble"
+        if not ens.exists() or not scans:
+            continue
+        table = label_scans(lambda ens=ens: load_ensemble(ens, device="cpu"), scans, out / key, key,
+                            cache_dir=settings.work_dir / "cache", overlap=settings.pseudo.overlap,
+                            tta=settings.pseudo.tta)
+        result[key] = float(with_true_dice(table, root / TRUTH_DIR)["true_dice"].mean())
+    return result
 
 
 def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: tuple[int, int, int]) -> dict:
@@ -118,6 +187,10 @@ def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: t
                 if s["round"] == 2:
                     _record(results, "round2" + ("" if s["arm"] == "self-training" else f"-{s['arm']}"), s, client)
             results_file.write_text(json.dumps(results, indent=1))
+        if "transductive" not in results:
+            _per_case(root, out / f"seed_{seed}_cases.csv")
+            results["transductive"] = _transductive(root, out / f"seed_{seed}" / "transductive", profile)
+            results_file.write_text(json.dumps(results, indent=1))
     else:
         for name, (over, with_control) in OPTIONS.items():
             vroot = out / f"seed_{seed}" / f"option-{name}"
@@ -137,62 +210,90 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
+def _case_tables(out: Path, seeds: list[int], arms: tuple[str, ...], metric: str = "dsc") -> list:
+    """Per seed, the (n_cases, len(arms)) table of ``metric`` on the test scans every arm scored."""
+    import pandas as pd
+
+    tables = []
+    for seed in seeds:
+        csv = out / f"seed_{seed}_cases.csv"
+        if not csv.exists():
+            continue
+        wide = pd.read_csv(csv).pivot_table(index="scan_id", columns="arm", values=metric)
+        if set(arms) <= set(wide.columns):
+            tables.append(wide[list(arms)].dropna().to_numpy())
+    return tables
+
+
+DIFFERENCES = [("round1", "round1-control", "round 1 - control 1"),
+               ("round1", "round0", "round 1 - round 0"),
+               ("round2", "round1", "round 2 - round 1"),
+               ("round2", "round2-control", "round 2 - control 2"),
+               ("round1-oracle", "round1-control", "oracle 1 - control 1"),
+               ("round1-control", "round0", "control 1 - round 0")]
+
+
 def report(out: Path) -> str:
+    from viola_models.evaluation import paired_difference, two_level_bootstrap
+
     per_seed = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted(out.glob("seed_*.json"))}
     if not per_seed:
         return f"no results in {out}"
     for seed, results in per_seed.items():  # round 0 finished by an earlier call: from its state
         state = out / f"seed_{seed}" / "data" / "viola_work" / "rounds" / "round_000" / "state.json"
         if "round0" not in results and state.exists():
-            test = json.loads(state.read_text()).get("test", {})
-            results["round0"] = {"dsc": test.get("test/dsc"), "nsd": test.get("test/nsd"), "seconds": None}
+            st = json.loads(state.read_text())
+            results["round0"] = {"dsc": st.get("test", {}).get("test/dsc"), "nsd": st.get("test", {}).get("test/nsd"),
+                                 "val_dice": st.get("val_dice"), "seconds": None}
     arms = [("round0", "round 0 (labelled only)"), ("round1-control", "control 1 (labelled only, equal compute)"),
             ("round1", "self-training round 1"), ("round1-oracle", "oracle 1 (true labels)"),
             ("round2-control", "control 2"), ("round2", "self-training round 2"),
-            ("strict", "round 1, target Dice 0.8, unweighted"),
-            ("lenient", "round 1, target Dice 0.3"),
-            ("unweighted", "round 1, pseudo-label loss unweighted"),
-            ("scratch-control", "control 1, student from scratch"), ("scratch", "round 1, student from scratch"),
-            ("final-labelled-control", "control 1, + labelled-only fine-tune"),
-            ("final-labelled", "round 1, + labelled-only fine-tune")]
+            *[(k, f"option {k}") for k in OPTIONS], *[(f"{k}-control", f"option {k}: its control") for k in OPTIONS]]
     seeds = sorted(per_seed)
+    trans = {s: per_seed[s].get("transductive", {}) for s in seeds}
     lines = [f"self-training benchmark: seeds {seeds}; {platform.node()} ({os.cpu_count()} CPU)", "",
-             f"{'arm':<44}{'n':>3}  {'test DSC (mean ± sd)':>22}  {'test NSD (mean ± sd)':>22}  {'min/run':>8}"]
+             f"{'arm':<42}{'n':>3}  {'test DSC':>17}  {'test NSD':>17}  {'val Dice':>17}  {'unlabelled Dice':>17}"
+             f"  {'min/run':>7}"]
     for key, label in arms:
         rows = [per_seed[s][key] for s in seeds if key in per_seed[s]]
         if rows:
-            mins = [r["seconds"] / 60 for r in rows if r.get("seconds")]  # wall time: the machine was shared
-            lines.append(f"{label:<44}{len(rows):>3}  {_ms([r['dsc'] for r in rows]):>22}  "
-                         f"{_ms([r['nsd'] for r in rows]):>22}  "
-                         f"{f'{statistics.mean(mins):.1f}' if mins else '-':>8}")
-
-    def diff(a: str, b: str, metric: str = "dsc") -> list[float]:
-        return [per_seed[s][a][metric] - per_seed[s][b][metric] for s in seeds if a in per_seed[s] and b in per_seed[s]]
-
-    lines += ["", "gains over the equal-compute control (test DSC, mean ± sd over seeds):"]
-    for a, b, label in [("round1", "round1-control", "round 1 - control 1"),
-                        ("round2", "round2-control", "round 2 - control 2"),
-                        ("round1-oracle", "round1-control", "oracle 1 - control 1"),
-                        ("round1", "round0", "round 1 - round 0"),
-                        ("round1-control", "round0", "control 1 - round 0"),
-                        ("round2", "round1", "round 2 - round 1"),
-                        ("strict", "round1-control", "target 0.8, unweighted - control 1"),
-                        ("lenient", "round1-control", "target 0.3 - control 1"),
-                        ("unweighted", "round1-control", "unweighted - control 1"),
-                        ("scratch", "scratch-control", "scratch - its control"),
-                        ("final-labelled", "final-labelled-control", "final-labelled - its control")]:
-        d = diff(a, b)
+            mins = [r["seconds"] / 60 for r in rows if r.get("seconds")]
+            lines.append(f"{label:<42}{len(rows):>3}  {_ms([r['dsc'] for r in rows]):>17}  "
+                         f"{_ms([r['nsd'] for r in rows]):>17}  {_ms([r.get('val_dice') for r in rows]):>17}  "
+                         f"{_ms([trans[s].get(key) for s in seeds]):>17}  "
+                         f"{f'{statistics.mean(mins):.1f}' if mins else '-':>7}")
+    lines += ["", "paired differences of test DSC per case at the final ensembles, mean over seeds [95% CI, "
+              "two-level bootstrap: seeds, then cases], share of seeds won:"]
+    for a, b, label in DIFFERENCES:
+        tables = _case_tables(out, seeds, (a, b))
+        if tables:
+            res = paired_difference([(t[:, 0], t[:, 1]) for t in tables])
+            per = [float(t[:, 0].mean() - t[:, 1].mean()) for t in tables]
+            won = sum(v > 0 for v in per) / len(per)
+            lines.append(f"  {label:<24}{res.describe()}; won {won:.0%} (per seed: "
+                         f"{', '.join(f'{v:+.4f}' for v in per)})")
+    tables = _case_tables(out, seeds, ("round1", "round1-control", "round1-oracle"))
+    if tables:
+        def gap(m):
+            span = m[2] - m[1]
+            return (m[0] - m[1]) / span if span > 0 else float("nan")
+        res = two_level_bootstrap(tables, gap)
+        lines.append(f"  gap closed by round 1 = (round 1 - control 1) / (oracle 1 - control 1): "
+                     f"{res.estimate:.0%} [{res.low:.0%}, {res.high:.0%}]")
+    for a, b, label in [("round1", "round1-control", "round 1 - control 1"), ("round1", "round0", "round 1 - round 0")]:
+        for kind, field in (("validation", "val_dice"),):
+            d = [per_seed[s][a].get(field) - per_seed[s][b].get(field) for s in seeds
+                 if a in per_seed[s] and b in per_seed[s] and per_seed[s][a].get(field) is not None
+                 and per_seed[s][b].get(field) is not None]
+            if d:
+                lines.append(f"  {kind} Dice, {label:<22}{_ms(d):>17}  (per seed: {', '.join(f'{v:+.4f}' for v in d)})")
+        d = [trans[s][a] - trans[s][b] for s in seeds if a in trans[s] and b in trans[s]]
         if d:
-            lines.append(f"  {label:<32}{_ms(d):>22}  (per seed: {', '.join(f'{v:+.4f}' for v in d)})")
-    gaps = []
-    for s in seeds:
-        r = per_seed[s]
-        if {"round1", "round1-control", "round1-oracle"} <= set(r):
-            span = r["round1-oracle"]["dsc"] - r["round1-control"]["dsc"]
-            gaps.append((r["round1"]["dsc"] - r["round1-control"]["dsc"]) / span if span > 0 else float("nan"))
-    if gaps:
-        lines.append(f"  gap closed by round 1 = (round 1 - control) / (oracle - control): {_ms(gaps)} "
-                     f"(per seed: {', '.join(f'{g:.0%}' for g in gaps)})")
+            lines.append(f"  unlabelled Dice, {label:<17}{_ms(d):>17}  (per seed: {', '.join(f'{v:+.4f}' for v in d)})")
+    guards = [f"seed {s}: {per_seed[s]['round1'].get('guard')}" for s in seeds
+              if per_seed[s].get("round1", {}).get("teaches") is False]
+    if guards:
+        lines += ["", "round 1 kept from teaching round 2 by the round guard:", *[f"  {g}" for g in guards]]
     for rnd in ("round1", "round2"):
         lines += ["", f"pseudo-labels of round {rnd[-1]} against the hidden truth (mean ± sd over seeds):"]
         lines += _pseudo_lines([per_seed[s][rnd] for s in seeds if rnd in per_seed[s]])
@@ -220,11 +321,11 @@ def _pseudo_lines(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="working folder (data roots, MLflow store, results)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[2026, 2027, 2028])
-    ap.add_argument("--profile", default="demo")
-    ap.add_argument("--labelled", type=int, default=4)
-    ap.add_argument("--unlabelled", type=int, default=16)
-    ap.add_argument("--test", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2026, 2027, 2028, 2029, 2030])
+    ap.add_argument("--profile", default="bench")
+    ap.add_argument("--labelled", type=int, help="labelled phantoms (default: the profile's [data.synth])")
+    ap.add_argument("--unlabelled", type=int, help="unlabelled phantoms (default: the profile's)")
+    ap.add_argument("--test", type=int, help="test phantoms (default: the profile's)")
     ap.add_argument("--options", action="store_true", help="also the options from the literature")
     ap.add_argument("--report", action="store_true", help="only print the table of what has run")
     args = ap.parse_args()
@@ -232,14 +333,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         from flows.cli import _setup
+        from flows.profiles import load_profile
 
         _setup(flows=True)
+        synth = load_profile(args.profile).data.synth
+        counts = (args.labelled if args.labelled is not None else synth.labelled if synth else 12,
+                  args.unlabelled if args.unlabelled is not None else synth.unlabelled if synth else 32,
+                  args.test if args.test is not None else synth.test if synth else 64)
         (out / "mlruns").mkdir(exist_ok=True)
         uri = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
+        t0 = time.perf_counter()
         for stage in ("core", "options") if args.options else ("core",):
             for seed in args.seeds:  # every seed's core arms first: the headline numbers come early
-                run_seed(out, seed, args.profile, uri, stage, (args.labelled, args.unlabelled, args.test))
+                run_seed(out, seed, args.profile, uri, stage, counts)
                 (out / "report.txt").write_text(report(out) + "\n")
+        logging.getLogger("bench").warning("benchmark: %.1f min in all", (time.perf_counter() - t0) / 60)
     text = report(out)
     (out / "report.txt").write_text(text + "\n")
     print(text)

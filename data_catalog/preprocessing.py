@@ -28,9 +28,10 @@ from monai.transforms import NormalizeIntensity, Orientation, Spacing, SpatialCr
 from monai.transforms.utils import generate_spatial_bounding_box
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from data_catalog.scans import atomic_write, read_image, read_label
+from data_catalog.scans import ScanError, atomic_write, read_image, read_label
 
 __all__ = [
+    "IGNORE_LABEL",
     "PREPROCESS_VERSION",
     "PreprocessSettings",
     "PreprocessedCase",
@@ -118,13 +119,19 @@ def _window(hu: torch.Tensor, windows: tuple[tuple[float, float], ...]) -> torch
     return torch.cat([((hu - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in windows], dim=0)
 
 
+IGNORE_LABEL = 2  # a preprocessed label's value for voxels that carry no loss (uncertain pseudo-label voxels)
+
+
 def preprocess_arrays(
-    image: np.ndarray, affine: np.ndarray, label: np.ndarray | None, settings: PreprocessSettings
+    image: np.ndarray, affine: np.ndarray, label: np.ndarray | None, settings: PreprocessSettings,
+    ignore: np.ndarray | None = None,
 ) -> PreprocessedCase:
     """Reorient, resample, window, crop to the head and normalise one scan (paper section 3.4).
 
     ``image``: (X, Y, Z) HU; ``affine``: its 4x4 voxel-to-world matrix; ``label``: (X, Y, Z)
     {0, 1} or None. The image is resampled trilinearly, the label as set in the settings.
+    ``ignore`` (X, Y, Z) {0, 1}, with a label: voxels to leave out of the loss, resampled as the
+    label is; they get the label value ``IGNORE_LABEL``.
     """
     native_shape = tuple(int(s) for s in image.shape)
     native_affine = np.asarray(affine, dtype=np.float64)
@@ -142,6 +149,12 @@ def preprocess_arrays(
         lab = Spacing(pixdim=settings.target_spacing, mode="bilinear" if linear else "nearest",
                       padding_mode="zeros")(lab, output_spatial_shape=img.shape[1:])
         lab = MetaTensor((lab.as_tensor() >= 0.5).to(torch.float32), affine=lab.affine)
+        if ignore is not None:
+            ign = orient(MetaTensor(torch.as_tensor(np.asarray(ignore, dtype=np.float32))[None], affine=aff.clone()))
+            ign = Spacing(pixdim=settings.target_spacing, mode="bilinear" if linear else "nearest",
+                          padding_mode="zeros")(ign, output_spatial_shape=img.shape[1:])
+            lab = MetaTensor(torch.where(ign.as_tensor() >= 0.5, float(IGNORE_LABEL), lab.as_tensor()),
+                             affine=lab.affine)
     if settings.crop_foreground:
         threshold = settings.foreground_hu
         start, end = generate_spatial_bounding_box(img, select_fn=lambda x: x > threshold, margin=settings.crop_margin)
@@ -165,25 +178,32 @@ def preprocess_arrays(
 
 
 def preprocess_scan(
-    image_path: Path, label_path: Path | None, settings: PreprocessSettings, binarize_label: bool = False
+    image_path: Path, label_path: Path | None, settings: PreprocessSettings, binarize_label: bool = False,
+    ignore_path: Path | None = None,
 ) -> PreprocessedCase:
-    """``preprocess_arrays`` on NIfTI files (ScanError with a reason for unusable files)."""
+    """``preprocess_arrays`` on NIfTI files (ScanError with a reason for unusable files); ``ignore_path``:
+    a {0, 1} map on the label's grid of the voxels to leave out of the loss."""
     image, info = read_image(Path(image_path))
-    label = None
+    label = ignore = None
     if label_path:
         label, _ = read_label(Path(label_path), binarize=binarize_label)
-    return preprocess_arrays(image, info.affine, label, settings)
+        if ignore_path:
+            ignore, _ = read_label(Path(ignore_path))
+            if ignore.shape != label.shape:
+                raise ScanError(f"{ignore_path}: shape {ignore.shape} is not the label's {label.shape}")
+    return preprocess_arrays(image, info.affine, label, settings, ignore)
 
 
 def cache_key(
-    image_hash: str, label_hash: str | None, settings: PreprocessSettings, binarize_label: bool = False
+    image_hash: str, label_hash: str | None, settings: PreprocessSettings, binarize_label: bool = False,
+    ignore_hash: str | None = None,
 ) -> str:
     """Content address of a preprocessed case: input hashes, settings and code version."""
-    payload = json.dumps(
-        {"image": image_hash, "label": label_hash or "", "binarize": bool(binarize_label),
-         "settings": settings.model_dump(mode="json"), "version": PREPROCESS_VERSION},
-        sort_keys=True,
-    )
+    data = {"image": image_hash, "label": label_hash or "", "binarize": bool(binarize_label),
+            "settings": settings.model_dump(mode="json"), "version": PREPROCESS_VERSION}
+    if ignore_hash:
+        data["ignore"] = ignore_hash
+    payload = json.dumps(data, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -232,17 +252,22 @@ def cached_preprocess(
     label_path: Path | None = None,
     label_hash: str | None = None,
     binarize_label: bool = False,
+    ignore_path: Path | None = None,
+    ignore_hash: str | None = None,
 ) -> tuple[Path, bool]:
     """Path of the preprocessed case in ``cache_dir``, computing it on a miss; returns (path, hit).
 
     The caller supplies the content hashes (the catalog's): a file whose content changes gets a
     new key, and so does any change of settings or of ``PREPROCESS_VERSION``.
     """
-    key = cache_key(image_hash, label_hash if label_path else None, settings, binarize_label)
+    ignore = ignore_path if label_path else None
+    key = cache_key(image_hash, label_hash if label_path else None, settings, binarize_label,
+                    ignore_hash if ignore else None)
     path = Path(cache_dir) / key[:2] / f"{key}.npz"
     if path.exists() and _image_path(path).exists():
         return path, True
-    case = preprocess_scan(Path(image_path), Path(label_path) if label_path else None, settings, binarize_label)
+    case = preprocess_scan(Path(image_path), Path(label_path) if label_path else None, settings, binarize_label,
+                           Path(ignore) if ignore else None)
     _save(case, path)
     log.debug("preprocessed %s -> %s", image_path, path)
     return path, False

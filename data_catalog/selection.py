@@ -113,7 +113,8 @@ class SelectionRule(BaseModel):
     of the scans reaching the target, keep the best by predicted Dice; ``allow_empty``: accept
     scans where no member finds blood (negative examples), at most ``max_empty_fraction`` of the
     selected set; ``calibration_prior_weight``: how many out-of-fold points the calibration's prior
-    (Dice = score) is worth (see :func:`fit_calibration`).
+    (Dice = score) is worth (see :func:`fit_calibration`); ``rank_fraction``/``rank_floor``: also
+    keep the best fraction of the lesion candidates by rank (above a floor), whatever the target.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -126,9 +127,17 @@ class SelectionRule(BaseModel):
     allow_empty: bool = False
     max_empty_fraction: float = Field(0.2, ge=0, lt=1)
     calibration_prior_weight: float = Field(2.0, ge=0)
+    # selection by rank as well as by target: the best ``rank_fraction`` of the lesion candidates by
+    # predicted Dice are kept even below the target (ST++, CVPR 2022, keeps the most reliable half),
+    # but never below ``rank_floor``
+    rank_fraction: float = Field(0.0, ge=0, le=1)
+    rank_floor: float = Field(0.0, ge=0, le=1)
 
     def describe(self) -> str:
         parts = [f"predicted Dice>={self.min_predicted_dice:g} from {self.score}"]
+        if self.rank_fraction > 0:
+            parts[0] += (f" or in the best {self.rank_fraction:.0%} of the lesion candidates"
+                         + (f" (>={self.rank_floor:g})" if self.rank_floor > 0 else ""))
         if self.max_volume_cv is not None:
             parts.append(f"volume_cv<={self.max_volume_cv:g}")
         if self.top_fraction < 1:
@@ -140,6 +149,17 @@ class SelectionRule(BaseModel):
 
 
 _NEEDED = {"scan_id", "consensus", "volume_cv", "volume_ml"}
+
+
+def _ranked_in(scores: pd.DataFrame, rule: SelectionRule) -> set[str]:
+    """The lesion candidates within the best ``rule.rank_fraction`` by predicted Dice (then score,
+    then scan id) whose predicted Dice reaches ``rule.rank_floor``."""
+    if rule.rank_fraction <= 0:
+        return set()
+    lesions = scores[(scores["error"] == "") & (scores["consensus"] == "lesion") & scores["predicted_dice"].notna()]
+    n = math.floor(rule.rank_fraction * len(lesions) + 1e-9)
+    best = lesions.sort_values(["predicted_dice", rule.score, "scan_id"], ascending=[False, False, True]).iloc[:n]
+    return set(best.loc[best["predicted_dice"] >= rule.rank_floor, "scan_id"])
 
 
 def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration: Calibration | None = None
@@ -163,6 +183,7 @@ def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration:
         out["error"] = ""
     out["error"] = out["error"].fillna("").astype(str)
     out["predicted_dice"] = calibration.predict(pd.to_numeric(out[rule.score], errors="coerce").to_numpy())
+    by_rank = _ranked_in(out, rule)
     decision = []
     for r in out.itertuples():
         why = []
@@ -174,7 +195,7 @@ def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration:
         elif r.consensus == "disputed":
             why.append("disputed: some members find blood but the ensemble mask is empty")
         else:
-            if not r.predicted_dice >= rule.min_predicted_dice:  # NaN fails too
+            if not r.predicted_dice >= rule.min_predicted_dice and r.scan_id not in by_rank:  # NaN fails too
                 why.append(f"predicted Dice {r.predicted_dice:.3f} < {rule.min_predicted_dice:g}")
             if rule.max_volume_cv is not None and r.volume_cv > rule.max_volume_cv:
                 why.append(f"volume CV {r.volume_cv:.3f} > {rule.max_volume_cv:g}")
@@ -200,5 +221,7 @@ def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration:
     out.loc[out["scan_id"].isin(capped_empty), "decision"] = (
         f"empty consensus beyond the cap ({rule.max_empty_fraction:.0%} of the selected set)")
     out.loc[out["selected"], "decision"] = "selected"
+    below = out["selected"] & ~(out["predicted_dice"] >= rule.min_predicted_dice) & out["scan_id"].isin(by_rank)
+    out.loc[below, "decision"] = f"selected by rank (best {rule.rank_fraction:.0%} of the lesion candidates)"
     out["rule"] = f"{rule.describe()}; {calibration.describe()}"
     return out

@@ -72,12 +72,24 @@ class CalibrationSettings(BaseModel):
 
 
 class PseudoSettings(BaseModel):
+    """How the teacher labels the unlabelled scans and which labels are kept (``rule``).
+
+    ``ignore_band`` (low, high): voxels whose ensemble probability is in [low, high) carry no loss
+    for the student (voxel-level confidence; Lin and Yuh, arXiv 2105.00582, ignored 0.3-0.7)."""
+
     model_config = ConfigDict(extra="forbid")
     overlap: float = Field(0.5, ge=0, lt=1)
     tta: bool = False
+    ignore_band: tuple[float, float] | None = None
     rule: SelectionRule = Field(default_factory=SelectionRule)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     overlays: int = 4  # PNG overlays logged for this many selected and this many rejected scans
+
+    @model_validator(mode="after")
+    def _check_band(self) -> PseudoSettings:
+        if self.ignore_band is not None and not 0 <= self.ignore_band[0] < self.ignore_band[1] <= 1:
+            raise ValueError(f"ignore_band {list(self.ignore_band)}: need 0 <= low < high <= 1")
+        return self
 
 
 class StudentSettings(BaseModel):
@@ -87,23 +99,41 @@ class StudentSettings(BaseModel):
     new network with the round-0 settings (noisy student); ``pseudo_weight``: ``uniform`` (the
     paper) or ``predicted_dice`` (each pseudo-label's loss weighted by its calibrated predicted
     Dice; labelled scans weigh 1); ``labelled_only_steps``: a last fine-tune of that many steps on
-    the labelled scans alone (0: none).
+    the labelled scans alone (0: none); ``batch_pseudo_fraction``: the share of every batch drawn
+    from the pseudo-labelled scans (0.5: labelled and pseudo-labelled 1:1, as ST++ and 3-D CPS; 0:
+    one pool); ``pseudo_augment``: ``strong`` noise on the pseudo-labelled samples only
+    (``viola_models.training.STRONG_AUGMENT``), ``same``: the labelled scans' augmentation;
+    ``pseudo_rampup_steps``: the pseudo-label loss weight ramps up over the student's first steps.
+    The control trains with the same settings (it has no pseudo-labelled scan to apply them to).
     """
 
     model_config = ConfigDict(extra="forbid")
     init: Literal["teacher", "scratch"] = "teacher"
     pseudo_weight: Literal["uniform", "predicted_dice"] = "uniform"
     labelled_only_steps: int = Field(0, ge=0)
+    batch_pseudo_fraction: float = Field(0.0, ge=0, lt=1)
+    pseudo_augment: Literal["same", "strong"] = "same"
+    pseudo_rampup_steps: int = Field(0, ge=0)
+
+    def train_changes(self) -> dict:
+        """The ``TrainSettings`` fields these options set for a round >= 1."""
+        from viola_models.training import STRONG_AUGMENT
+
+        return {"pseudo_fraction": self.batch_pseudo_fraction, "pseudo_rampup_steps": self.pseudo_rampup_steps,
+                "pseudo_augment": STRONG_AUGMENT.model_dump() if self.pseudo_augment == "strong" else None}
 
 
 class RoundSettings(BaseModel):
     """What one call runs: ``control`` adds the equal-compute control arm to each round >= 1 (the
     same round without pseudo-labels); ``skip_unchanged`` skips a round whose inputs did not change
-    since the last pseudo-label round (new unlabelled scans, catalog or profile)."""
+    since the last pseudo-label round (new unlabelled scans, catalog or profile); ``guard``: a round
+    whose members' mean out-of-fold validation Dice is below its teacher's does not teach the next
+    round (the teacher it had does, and its students start from that teacher's members)."""
 
     model_config = ConfigDict(extra="forbid")
     control: bool = False
     skip_unchanged: bool = True
+    guard: bool = True
 
 
 class EvaluateSettings(BaseModel):
@@ -163,6 +193,8 @@ class PipelineSettings(BaseModel):
         base = self.train.model_dump()
         if round_ >= 1 and self.student.init == "teacher":
             base.update(self.finetune)
+        if round_ >= 1:
+            base.update(self.student.train_changes())
         base.update(model=architecture, seed=self.train.seed + 1000 * round_ + 10 * fold)
         return TrainSettings.model_validate(base)
 

@@ -34,7 +34,9 @@ from tasks.rounds import (
     latest_finished_round,
     open_round_run,
     plan_round,
+    read_state,
     recover_crashed,
+    round_guard,
 )
 from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
@@ -43,11 +45,20 @@ from viola_models.backends import InferenceSettings
 __all__ = ["label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
 
 
-def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float) -> str:
+def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float,
+                   guard: dict | None = None, calibration: dict | None = None) -> str:
     lines = [f"{name} summary ({seconds / 60:.1f} min)", f"  {'member':<22}{'val Dice':>10}{'best step':>11}"]
     lines += [f"  {m['name']:<22}{m['val_dice']:>10.4f}{m['best_step']:>11d}" for m in members]
+    for m in members:  # a fold too small to choose a step by says so
+        if m.get("selection", "best validation Dice") != "best validation Dice":
+            lines.append(f"  {m['name']}: {m['selection']}")
+    if calibration and calibration.get("n_points", 0) < 3:
+        lines.append(f"  calibration: {calibration.get('n_points', 0)} out-of-fold point(s), too few to fit: the "
+                     "prior (predicted Dice = score) decides")
     if n_cand:
         lines.append(f"  pseudo-labels selected: {n_sel} of {n_cand}")
+    if guard and guard.get("guard"):
+        lines.append(f"  round guard: {guard['guard']}")
     if test:
         lines.append("  test: " + ", ".join(f"{k.split('/')[1].upper()} {v:.4f}" for k, v in test.items()
                                             if k in ("test/dsc", "test/hd", "test/nsd", "test/rvd")))
@@ -87,12 +98,14 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
         if settings.compute.runner == "ray":  # the masks made side by side; selected and tracked below
             label_unlabelled.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
                 Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo", cache,
-                settings.pseudo.overlap, settings.pseudo.tta, settings.compute, settings.device, inference)
+                settings.pseudo.overlap, settings.pseudo.tta, settings.compute, settings.device, inference,
+                settings.pseudo.ignore_band)
         selected = pseudo_label(r, Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo",
                                 root, cache, settings.pseudo.rule, tracking_uri, run_id,
                                 overlap=settings.pseudo.overlap, tta=settings.pseudo.tta, device=device,
                                 n_overlays=settings.pseudo.overlays, inference=inference,
-                                weight_by_predicted_dice=settings.student.pseudo_weight == "predicted_dice")
+                                weight_by_predicted_dice=settings.student.pseudo_weight == "predicted_dice",
+                                ignore_band=settings.pseudo.ignore_band)
         pseudo = preprocess_pairs(selected, cache, settings.preprocess)
     elif arm == "oracle":
         pseudo = preprocess_pairs(oracle_pairs(root), cache, settings.preprocess, label_source="oracle")
@@ -107,6 +120,12 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     if arm == "self-training":  # only this arm's ensemble teaches the next round
         calib = calibrate(groups, settings.pseudo.rule, settings.pseudo.calibration.overlap, rdir, tracking_uri,
                           run_id, r, device=device, inference=inference)
+    val = [m["val_dice"] for m in members if m["val_dice"] == m["val_dice"]]
+    guard = {}
+    if arm == "self-training":  # whether this round teaches the next: validation scans only
+        teacher_val = read_state(Path(plan.teacher_dir).parent).get("val_dice") if r > 0 else None
+        guard = round_guard(r, sum(val) / len(val) if val else float("nan"), plan.teacher_round, teacher_val,
+                            settings.round.guard)
     ens_dir = assemble_ensemble(rdir / "ensemble", members, settings.preprocess, calib["calibration"],
                                 calib["points"], round=r, arm=arm, profile=settings.name,
                                 patch_size=list(settings.train_settings(r, settings.members.architectures[0],
@@ -129,12 +148,12 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                "round/n_members": len(members), "round/n_train_labelled": len(labelled),
                "round/n_pseudo_labels": len(pseudo)}
     table = _summary_table(plan.name, members, len(pseudo), len(by_role["unlabelled"]) if arm == "self-training"
-                           and r > 0 else 0, test, seconds)
+                           and r > 0 else 0, test, seconds, guard, calib["calibration"])
     logger.info("%s", table)
     close_round_run(plan, tracking_uri, metrics, {"test": test, "model_version": reg["version"] if reg else None,
-                                                  "n_pseudo_labels": len(pseudo)}, pseudo)
+                                                  "n_pseudo_labels": len(pseudo), **guard}, pseudo)
     return {"round": r, "arm": arm, "run_id": run_id, "members": members, "test": test,
-            "n_pseudo_selected": len(pseudo), "registered": reg, "seconds": seconds, "summary": table}
+            "n_pseudo_selected": len(pseudo), "registered": reg, "seconds": seconds, "summary": table, **guard}
 
 
 @flow(name="train-members")
@@ -161,12 +180,13 @@ def _per_share(task, scans: dict[str, dict], compute: ComputeSettings, **kwargs)
 @flow(name="label-unlabelled")
 def label_unlabelled(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
                      overlap: float, tta: bool, compute: ComputeSettings, device: str,
-                     inference: InferenceSettings | None = None) -> int:
+                     inference: InferenceSettings | None = None, ignore_band: tuple[float, float] | None = None
+                     ) -> int:
     """The teacher's masks of the unlabelled scans, in one share per slot of the cluster (the
     members' resources each), side by side; the pseudo-label task then selects from them."""
     return sum(_per_share(label_chunk, scans, compute, teacher_dir=teacher_dir, teacher_run_id=teacher_run_id,
                           out_dir=out_dir, cache=cache, overlap=overlap, tta=tta, device=device,
-                          inference=inference))
+                          inference=inference, ignore_band=ignore_band))
 
 
 @flow(name="score-test-scans")

@@ -87,9 +87,11 @@ def preprocess_pairs(items: list[dict], cache: Path, settings: PreprocessSetting
     """Preprocess (image, pseudo-label) pairs through the cache; returns {"cache", "weight", "scan_id",
     "image_hash", "label_hash", "label_source"} (``label_source``: where the labels come from)."""
     out = []
-    for item in items:
+    for item in items:  # "ignore": the pseudo-label's uncertain voxels, which carry no loss
         path, _ = cached_preprocess(Path(cache), Path(item["image"]), item["image_hash"], settings,
-                                    Path(item["label"]), item["label_hash"])
+                                    Path(item["label"]), item["label_hash"],
+                                    ignore_path=Path(item["ignore"]) if item.get("ignore") else None,
+                                    ignore_hash=item.get("ignore_hash"))
         out.append({"scan_id": item["scan_id"], "cache": str(path), "weight": float(item.get("weight", 1.0)),
                     "image_hash": item["image_hash"], "label_hash": item["label_hash"], "label_source": label_source})
     return out

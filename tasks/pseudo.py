@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 @task(name="label-scans")
 def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
                 overlap: float = 0.5, tta: bool = False, device: str = "auto", threads: int | None = None,
-                inference: InferenceSettings | None = None) -> int:
+                inference: InferenceSettings | None = None, ignore_band: tuple[float, float] | None = None) -> int:
     """Segment a share of the unlabelled scans with the teacher on this worker (masks and records in
     ``out_dir``, which :func:`pseudo_label` reads back instead of predicting again). Nothing is
     tracked here; returns how many scans have a mask."""
@@ -37,7 +37,7 @@ def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], 
     with progress("pseudo-label", len(scans), log, unit="scans") as bar:
         table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev, inference=inference), scans,
                             Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta,
-                            on_scan=lambda i, n, row: bar.update(i, row.get("scan_id", "")))
+                            on_scan=lambda i, n, row: bar.update(i, row.get("scan_id", "")), ignore_band=ignore_band)
     return int((table.get("error", pd.Series(dtype=str)) == "").sum()) if len(table) else 0
 
 
@@ -66,10 +66,12 @@ def pseudo_label(
     n_overlays: int = 4,
     weight_by_predicted_dice: bool = False,
     inference: InferenceSettings | None = None,
+    ignore_band: tuple[float, float] | None = None,
 ) -> list[dict]:
     """Label, select, record. Returns the selected pseudo-labels as training pairs:
     [{"scan_id", "image", "image_hash", "label", "label_hash", "weight"}]; ``weight`` is the
-    predicted Dice with ``weight_by_predicted_dice``, else 1."""
+    predicted Dice with ``weight_by_predicted_dice``, else 1. With ``ignore_band`` each pair also
+    names the map of its uncertain voxels ("ignore", "ignore_hash"), left out of the student's loss."""
     t0 = time.perf_counter()
     teacher: list = []
 
@@ -77,7 +79,8 @@ def pseudo_label(
         teacher.append(load_ensemble(Path(teacher_dir), device=device, inference=inference))
         return teacher[0]
 
-    table = label_scans(load, scans, Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta)
+    table = label_scans(load, scans, Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta,
+                        ignore_band=ignore_band)
     if not len(table):
         return []
     # the calibration travels with the teacher: refitted here for the rule's score and minimum
@@ -109,9 +112,14 @@ def pseudo_label(
     log.info("pseudo-labels of round %d: %d of %d selected (%s)%s", round_, len(selected), len(decided),
              decided["rule"].iloc[0], f"; true Dice of the selected {metrics['pseudo/true_dice_selected']:.3f}, "
              f"of the rejected {metrics['pseudo/true_dice_rejected']:.3f}" if truth else "")
+    if ignore_band is not None and len(selected):
+        metrics["pseudo/uncertain_ml_selected"] = float(selected["uncertain_ml"].mean())
+        tracking.log_metrics(client, run_id, {"pseudo/uncertain_ml_selected": metrics["pseudo/uncertain_ml_selected"]},
+                             round_)
     return [{"scan_id": r.scan_id, "image": r.image, "image_hash": r.image_hash, "label": r.mask_path,
              "label_hash": r.mask_hash,
-             "weight": _weight(r.predicted_dice, rule) if weight_by_predicted_dice else 1.0}
+             "weight": _weight(r.predicted_dice, rule) if weight_by_predicted_dice else 1.0,
+             **({"ignore": r.uncertain_path, "ignore_hash": r.uncertain_hash} if ignore_band is not None else {})}
             for r in selected.itertuples()]
 
 

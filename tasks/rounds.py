@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from tasks import tracking
 __all__ = ["ARMS", "RoundPlan", "RunBusyError", "arm_dir", "begin_invocation", "close_round_run",
            "end_invocation",
            "exclusive", "latest_finished_round", "next_round", "open_round_run", "plan_round",
-           "read_state", "recover_crashed", "write_state"]
+           "read_state", "recover_crashed", "round_guard", "teacher_for", "write_state"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class RoundPlan:
     state: dict = field(default_factory=dict)
     teacher_dir: str = ""  # the previous self-training round's ensemble: it makes the pseudo-labels
     teacher_run_id: str = ""
+    teacher_round: int = -1
     init_ensemble_dir: str = ""  # the ensemble whose members the students start from
     previous_run_id: str = ""
     self_training_run_id: str = ""  # for sibling arms: the round they are the control/oracle of
@@ -223,10 +225,12 @@ def plan_round(work_dir: Path, arm: str, round_: int | None, catalog_hash: str, 
         prev_state = read_state(prev_st)
         if prev_state.get("status") != "finished":
             raise ValueError(f"{name} needs round {round_ - 1} finished first ({prev_st / 'state.json'})")
-        plan.teacher_dir = str(prev_st / "ensemble")
-        plan.teacher_run_id = prev_state.get("run_id", "")
+        plan.teacher_round = teacher_for(work_dir, round_)
+        teacher = arm_dir(work_dir, plan.teacher_round)
+        plan.teacher_dir = str(teacher / "ensemble")
+        plan.teacher_run_id = read_state(teacher).get("run_id", "")
         same_arm_prev = arm_dir(work_dir, round_ - 1, arm)
-        init_from = same_arm_prev if arm != "self-training" and _finished(same_arm_prev) else prev_st
+        init_from = same_arm_prev if arm != "self-training" and _finished(same_arm_prev) else teacher
         plan.init_ensemble_dir = str(init_from / "ensemble")
         plan.previous_run_id = read_state(init_from).get("run_id", "")
     if arm != "self-training":
@@ -244,6 +248,38 @@ def plan_round(work_dir: Path, arm: str, round_: int | None, catalog_hash: str, 
             plan.skip_reason = (f"round {round_} skipped: nothing new since round {round_ - 1}'s pseudo-labels "
                                 f"(catalog {catalog_hash} and profile unchanged); --force runs it anyway")
     return plan
+
+
+def teacher_for(work_dir: Path, round_: int) -> int:
+    """The self-training round whose ensemble teaches round ``round_`` (>= 1): round - 1, unless
+    the round guard kept that round from teaching (then the teacher it had itself)."""
+    state = read_state(arm_dir(work_dir, round_ - 1))
+    if state.get("teaches", True) is False and "teacher_round" in state:
+        return int(state["teacher_round"])
+    return round_ - 1
+
+
+def round_guard(round_: int, val_dice: float, teacher_round: int, teacher_val_dice: float | None,
+                enabled: bool = True) -> dict:
+    """Whether a finished self-training round teaches the next one: not when its members' mean
+    out-of-fold validation Dice is below its teacher's (validation scans only: the same folds, so
+    the same scans). Returns what ``state.json`` records: val_dice, teacher_round, teaches, guard
+    (the reason, in words)."""
+    out = {"val_dice": val_dice, "teacher_round": teacher_round, "teaches": True, "guard": ""}
+    if round_ < 1:
+        return out
+    known = teacher_val_dice is not None and not math.isnan(teacher_val_dice) and not math.isnan(val_dice)
+    if not known:
+        out["guard"] = "no validation Dice to compare with the teacher's: this round teaches the next"
+    elif val_dice < teacher_val_dice and enabled:
+        out |= {"teaches": False, "guard": (f"validation Dice {val_dice:.4f} below its teacher's (round "
+                                            f"{teacher_round}: {teacher_val_dice:.4f}): round {teacher_round} "
+                                            "stays the teacher of the next round")}
+    else:
+        out["guard"] = (f"validation Dice {val_dice:.4f} {'>=' if val_dice >= teacher_val_dice else '<'} its "
+                        f"teacher's (round {teacher_round}: {teacher_val_dice:.4f})"
+                        + ("" if enabled else "; the guard is off: this round teaches the next"))
+    return out
 
 
 @task(name="latest-finished-round")
@@ -293,7 +329,11 @@ def close_round_run(plan: RoundPlan, tracking_uri: str, metrics: dict, summary: 
     run_id = plan.state["run_id"]
     names = sorted(Path(item["cache"]).name for item in pseudo_items or [])
     pseudo_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    tracking.set_tags(client, run_id, {"viola.pseudo_label_set_hash": pseudo_hash, "viola.n_pseudo_labels": len(names)})
+    tags = {"viola.pseudo_label_set_hash": pseudo_hash, "viola.n_pseudo_labels": len(names)}
+    if summary.get("guard"):
+        tags |= {"viola.teaches_next_round": str(summary.get("teaches", True)).lower(),
+                 "viola.round_guard": summary["guard"]}
+    tracking.set_tags(client, run_id, tags)
     tracking.log_metrics(client, run_id, metrics, plan.round)
     client.set_terminated(run_id, "FINISHED")
     state = {**plan.state, "status": "finished", "finished": _now(), **summary}

@@ -79,9 +79,12 @@ def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, p
                 init = str(teacher) if teacher.exists() else None
                 if init is None:
                     log.warning("%s has no counterpart in %s: trained from scratch", name, init_ensemble_dir)
+            n_own = len(items["labelled"])
             spec = {"name": name, "fold": fold, "train": items["train"], "val": items["val"],
                     "labelled": items["labelled"], "init": init,
-                    "weights": None if all(w == 1.0 for w in items["weights"]) else items["weights"]}
+                    "weights": None if all(w == 1.0 for w in items["weights"]) else items["weights"],
+                    "pseudo": [i >= n_own for i in range(len(items["train"]))] if len(items["train"]) > n_own
+                    else None}
             if scans is not None:
                 spec["datasets"] = member_datasets(scans, labelled, folds, fold, pseudo)
                 spec["data_root"] = str(Path(settings.data.root).resolve())
@@ -141,7 +144,7 @@ def train_member(
     """
     out_dir = Path(out_dir)
     train, val = [Path(p) for p in spec["train"]], [Path(p) for p in spec["val"]]
-    weights = spec.get("weights")
+    weights, pseudo = spec.get("weights"), spec.get("pseudo")
     init = Path(spec["init"]) if spec.get("init") else None
     for path in [*train, *val, *([init] if init else [])]:
         if not path.exists():
@@ -150,7 +153,7 @@ def train_member(
                                       "filesystem)")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = worker_device(device, threads)
-    digest = fit_digest(train, val, settings, init, weights)
+    digest = fit_digest(train, val, settings, init, weights, pseudo)
     if final_settings is not None:
         digest += f"+{final_settings.model_dump_json()}"
     client = tracking.client_for(tracking_uri)
@@ -183,7 +186,7 @@ def train_member(
     meta = {"member": spec["name"], "fold": spec["fold"], "round": round_}
     with stack:
         result = fit(train, val, settings, out_dir, init_weights=init, callbacks=callbacks(0), device=device,
-                     meta=meta, item_weights=weights)
+                     meta=meta, item_weights=weights, pseudo=pseudo)
         seconds = result.seconds
         if final_settings is not None:
             labelled = [Path(p) for p in spec["labelled"]]
@@ -195,9 +198,10 @@ def train_member(
     if "val/best_dice" not in client.get_run(run_id).data.metrics:
         tracking.log_metrics(client, run_id, {"val/best_dice": result.best_dice, "train/seconds": seconds,
                                               "val/best_step": result.best_step}, result.steps)
+    tracking.set_tags(client, run_id, {"viola.checkpoint_selection": result.selection})
     if not client.list_artifacts(run_id, "checkpoint"):
         client.log_artifact(run_id, str(result.best_checkpoint), "checkpoint")
     client.set_terminated(run_id, "FINISHED")
     return {"name": spec["name"], "fold": spec["fold"], "architecture": settings.model,
             "checkpoint": str(result.best_checkpoint), "val_dice": result.best_dice, "best_step": result.best_step,
-            "seconds": seconds, "run_id": run_id}
+            "seconds": seconds, "run_id": run_id, "n_val": len(val), "selection": result.selection}

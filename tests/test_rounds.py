@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flows.profiles import ProfileError, load_profile, parse_overrides
-from tasks.rounds import arm_dir, next_round, plan_round, read_state, write_state
+from tasks.rounds import arm_dir, next_round, plan_round, read_state, round_guard, teacher_for, write_state
 
 
 def _finish(work, r, arm="self-training", catalog="c1", profile="p1"):
@@ -128,3 +128,29 @@ def test_rounds_n_means_n_rounds_in_all_counting_the_resumed_one(tmp_path):
     end_invocation.fn(work)
     write_state(arm_dir(work, 2), {"status": "running"})
     assert begin_invocation.fn(work, 1, ["control"]) == 2  # another command after a crash: starts at the resumed
+
+
+def test_the_round_guard_keeps_the_teacher_when_validation_falls(tmp_path):
+    work = tmp_path / "work"
+    _finish(work, 0)
+    write_state(arm_dir(work, 0), {**read_state(arm_dir(work, 0)), **round_guard(0, 0.60, -1, None)})
+    fell = round_guard(1, 0.55, 0, 0.60)
+    assert fell["teaches"] is False and "below its teacher's (round 0: 0.6000)" in fell["guard"]
+    write_state(arm_dir(work, 1), {"status": "finished", "run_id": "run-1-self-training", **fell})
+    # round 2 learns from round 0's pseudo-labels and starts from round 0's members; its control
+    # still continues the control chain
+    two = plan_round.fn(work, "self-training", 2, "c1", "p1", force=True)
+    assert two.teacher_round == 0 and two.teacher_dir.endswith("round_000/ensemble")
+    assert two.teacher_run_id == "run-0-self-training" and two.init_ensemble_dir.endswith("round_000/ensemble")
+    _finish(work, 1, "control")
+    assert plan_round.fn(work, "control", 2, "c1", "p1").init_ensemble_dir.endswith("round_001-control/ensemble")
+    # round 2 improves on its teacher (round 0): it teaches round 3
+    rose = round_guard(2, 0.65, 0, 0.60)
+    assert rose["teaches"] is True and rose["teacher_round"] == 0
+    write_state(arm_dir(work, 2), {"status": "finished", "run_id": "run-2-self-training", **rose})
+    assert teacher_for(work, 3) == 2
+    # off, or without a teacher's Dice to compare with, a round always teaches
+    assert round_guard(1, 0.5, 0, 0.6, enabled=False)["teaches"] is True
+    assert round_guard(1, 0.5, 0, None)["teaches"] is True and "no validation Dice" in round_guard(1, 0.5, 0, None)[
+        "guard"]
+    assert round_guard(1, float("nan"), 0, 0.6)["teaches"] is True

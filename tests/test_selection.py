@@ -127,3 +127,22 @@ def test_confidence_scores_of_hand_made_members():
     lone = torch.zeros(3, 8, 8, 2)
     lone[0, :2, :2, 0] = 0.9  # one member of three: the ensemble mean 0.3 stays below 0.5
     assert confidence_scores(lone, 0.001)["consensus"] == "disputed"
+
+
+def test_rank_selection_keeps_the_best_fraction_of_the_lesions_below_the_target_but_above_its_floor():
+    rows = [("a", "lesion", 0.9, 0.1, 3.0), ("b", "lesion", 0.55, 0.1, 3.0), ("c", "lesion", 0.5, 0.1, 3.0),
+            ("d", "lesion", 0.2, 0.1, 3.0), ("e", "empty", math.nan, 0.0, 0.0), ("f", "disputed", 0.7, 0.1, 0.0)]
+    by_target = select_pseudo_labels(_table(rows), SelectionRule(min_predicted_dice=0.8)).set_index("scan_id")
+    assert set(by_target.index[by_target.selected]) == {"a"}
+    # the best half of the 4 lesion candidates (the empty and the disputed scan are no candidates)
+    half = select_pseudo_labels(_table(rows), SelectionRule(min_predicted_dice=0.8, rank_fraction=0.5))
+    half = half.set_index("scan_id")
+    assert set(half.index[half.selected]) == {"a", "b"}
+    assert half.loc["a"].decision == "selected"
+    assert half.loc["b"].decision == "selected by rank (best 50% of the lesion candidates)"
+    assert half.loc["c"].decision == "predicted Dice 0.500 < 0.8"
+    # three quarters would take c too, and d only without a floor
+    floor = select_pseudo_labels(_table(rows), SelectionRule(min_predicted_dice=0.8, rank_fraction=1.0,
+                                                             rank_floor=0.3)).set_index("scan_id")
+    assert set(floor.index[floor.selected]) == {"a", "b", "c"}
+    assert "or in the best 100% of the lesion candidates (>=0.3)" in floor.rule.iloc[0]

@@ -62,7 +62,9 @@ def test_deep_supervision_loss_weights_heads():
 def test_fit_writes_a_loadable_best_checkpoint_and_logs(cases, tmp_path):
     logged, validations = [], []
     cb = TrainCallbacks(on_log=lambda s, m: logged.append((s, m)), on_validation=lambda s, d, b: validations.append(s))
-    result = fit(cases[:3], cases[3:], _settings(), tmp_path / "m", callbacks=cb, meta={"member": "viola_tiny-f0"})
+    # one validation case, allowed to choose the step here (the default needs two: see the fallback test)
+    result = fit(cases[:3], cases[3:], _settings(min_val_cases=1), tmp_path / "m", callbacks=cb,
+                 meta={"member": "viola_tiny-f0"})
     assert result.steps == 10 and validations == [5, 10] and [s for s, _ in logged] == [5, 10]
     assert {"train/loss", "train/lr", "train/sec_per_step"} <= set(logged[0][1])
     val = {h["step"]: h["val/dice"] for h in result.history if "val/dice" in h}
@@ -208,3 +210,109 @@ def test_compiled_training_follows_the_eager_one(cases, tmp_path):
     assert len(losses[0]) == len(losses[1]) == 4
     assert np.allclose(losses[0], losses[1], rtol=1e-2)
     assert load_member(compiled.best_checkpoint)[1].name == "compiled"  # a member checkpoint like any other
+
+
+def test_a_fold_with_one_validation_case_keeps_the_last_step_and_says_so(cases, tmp_path):
+    s = _settings(max_steps=10, val_every=5)
+    one = fit(cases[:3], cases[3:], s, tmp_path / "one")
+    assert one.best_step == 10 and "1 validation case(s), fewer than the 2" in one.selection
+    last = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    best = torch.load(one.best_checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(last[k], best[k]) for k in last)  # best.pt holds the last weights
+    two = fit(cases[:2], cases[2:], s, tmp_path / "two")
+    assert two.selection == "best validation Dice"
+    val = {h["step"]: h["val/dice"] for h in two.history if "val/dice" in h}
+    assert two.best_dice == max(val.values())
+    forced = fit(cases[:2], cases[2:], _settings(max_steps=10, val_every=5, checkpoint="last"), tmp_path / "last")
+    assert forced.best_step == 10 and forced.selection.startswith("last step's weights (checkpoint = last)")
+
+
+def _plain(**kw) -> TrainSettings:
+    from viola_models.training import AugmentSettings
+
+    off = AugmentSettings(zoom_prob=0, noise_prob=0, smooth_prob=0, rotate90_prob=0, shift_prob=0, scale_prob=0,
+                          flip_prob=0, contrast_prob=0)  # only the crop is random
+    return _settings(augment=off, **kw)
+
+
+def test_strong_noise_reaches_only_the_pseudo_labelled_samples(cases):
+    from viola_models.training import AugmentSettings, make_loaders
+
+    noisy = AugmentSettings(zoom_prob=0, noise_prob=1.0, noise_std=1.0, smooth_prob=0, rotate90_prob=0, shift_prob=0,
+                            scale_prob=0, flip_prob=0, contrast_prob=0, cutout_prob=1.0)
+    flags = [False, False, True, True]
+    plain = list(make_loaders(cases, _plain(max_steps=6, pseudo_fraction=0.5), pseudo=flags))
+    strong = list(make_loaders(cases, _plain(max_steps=6, pseudo_fraction=0.5, pseudo_augment=noisy), pseudo=flags))
+    for a, b in zip(plain, strong, strict=True):
+        assert a["pseudo"].tolist() == b["pseudo"].tolist() == [0.0, 1.0]  # one labelled, one pseudo per batch
+        assert torch.equal(a["label"], b["label"])  # the same crops
+        assert torch.equal(a["image"][0], b["image"][0])  # the labelled sample: untouched
+        assert (a["image"][1] - b["image"][1]).abs().mean() > 0.01  # the pseudo-labelled one: noise and cut-outs
+
+
+def test_balanced_batches_keep_their_ratio_and_a_pseudo_ramp_starts_near_zero(cases):
+    from viola_models.training import StepBatches, make_loaders, pseudo_per_batch, pseudo_ramp
+
+    s = _plain(max_steps=8, batch_size=4, pseudo_fraction=0.5)
+    batches = list(make_loaders(cases[:1] + cases[1:], s, pseudo=[False, True, True, True]))
+    assert all(b["pseudo"].tolist() == [0.0, 0.0, 1.0, 1.0] for b in batches)  # 1 labelled scan, still half
+    one_pool = list(make_loaders(cases, _plain(max_steps=8, batch_size=4), pseudo=[False, True, True, True]))
+    assert sum(b["pseudo"].sum().item() for b in one_pool) == 24  # 3 of 4 items: 3/4 of 32 samples
+    assert pseudo_per_batch(s, 1, 0) == 0 and pseudo_per_batch(s, 0, 3) == 0 and pseudo_per_batch(s, 2, 3) == 2
+    assert pseudo_per_batch(_settings(batch_size=2, pseudo_fraction=0.9), 2, 3) == 1  # never the whole batch
+    # the second group's sampling is a function of the step too
+    whole = list(StepBatches(3, 2, seed=1, start_step=0, max_steps=9, n_second_items=5, n_second=1))
+    assert list(StepBatches(3, 2, seed=1, start_step=4, max_steps=9, n_second_items=5, n_second=1)) == whole[4:]
+    assert {i for b in whole for i, _ in b[1:]} == {3, 4, 5, 6, 7} and {b[0][0] for b in whole} == {0, 1, 2}
+    ramp = _settings(pseudo_rampup_steps=100)
+    assert pseudo_ramp(0, ramp) == pytest.approx(math.exp(-5)) and pseudo_ramp(50, ramp) == pytest.approx(
+        math.exp(-1.25))
+    assert pseudo_ramp(100, ramp) == 1.0 and pseudo_ramp(0, _settings()) == 1.0
+
+
+def test_pseudo_flags_are_part_of_the_reuse_key(cases):
+    from viola_models.training import fit_digest
+
+    s = _settings()
+    assert fit_digest(cases[:3], cases[3:], s) == fit_digest(cases[:3], cases[3:], s, pseudo=[False] * 3)
+    assert fit_digest(cases[:3], cases[3:], s, pseudo=[False, False, True]) != fit_digest(cases[:3], cases[3:], s)
+
+
+def test_ignored_voxels_carry_no_loss_and_no_gradient():
+    from monai.losses import DiceFocalLoss
+
+    from viola_models.training import DiceFocalIgnoring
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6, 4, requires_grad=True)
+    label = (torch.rand(2, 1, 6, 6, 4) > 0.7).float()
+    loss_fn = DiceFocalIgnoring()
+    # no ignored voxel: MONAI's DiceFocalLoss itself
+    plain = DiceFocalLoss(to_onehot_y=True, softmax=True)(logits, label)
+    assert loss_fn(logits, label).item() == pytest.approx(plain.item(), rel=1e-6)
+    ignored = label.clone()
+    ignored[:, :, :3] = 2.0  # half of every patch uncertain
+    loss = loss_fn(logits, ignored)
+    loss.backward()
+    assert float(logits.grad[:, :, :3].abs().max()) == 0.0  # no gradient where the label is uncertain
+    assert float(logits.grad[:, :, 3:].abs().max()) > 0.0
+    # whatever the network says there, the loss is the same ...
+    other = logits.detach().clone()
+    other[:, :, :3] = torch.randn_like(other[:, :, :3]) * 10
+    assert loss_fn(other, ignored).item() == pytest.approx(loss.item(), rel=1e-5)
+    # ... and it is the loss of the other half alone
+    half = loss_fn(logits.detach()[:, :, 3:].contiguous(), label[:, :, 3:].contiguous())
+    assert loss.item() == pytest.approx(half.item(), rel=1e-4)
+
+
+def test_an_ignore_map_becomes_the_ignore_label_of_a_preprocessed_case():
+    from data_catalog.preprocessing import IGNORE_LABEL, PreprocessSettings, preprocess_arrays
+
+    img, lab, aff = head_volume(seed=0, lesions=((10, 6, 0, 12.0),))
+    ignore = np.zeros_like(lab)
+    ignore[: lab.shape[0] // 2] = 1
+    s = PreprocessSettings(target_spacing=(4.0, 4.0, 5.0))
+    plain, marked = preprocess_arrays(img, aff, lab, s), preprocess_arrays(img, aff, lab, s, ignore)
+    assert set(np.unique(marked.label)) <= {0, 1, IGNORE_LABEL} and (marked.label == IGNORE_LABEL).any()
+    keep = marked.label != IGNORE_LABEL
+    assert np.array_equal(marked.label[keep], plain.label[keep])  # elsewhere the label is untouched

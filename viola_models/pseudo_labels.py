@@ -37,6 +37,7 @@ def label_scans(
     overlap: float = 0.5,
     tta: bool = False,
     on_scan: Callable[[int, int, dict], None] | None = None,
+    ignore_band: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """Segment every scan with the teacher; one row per scan (errors included, with their reason).
 
@@ -46,6 +47,9 @@ def label_scans(
     ``ensemble`` may be a function that loads it, called only if some scan needs predicting.
     Row: scan_id, image, image_hash, mask_path, mask_hash, teacher_id, members, the confidence
     scores (``viola_models.quality.confidence_scores``), volume_ml (native grid), seconds, error.
+    ``ignore_band`` (low, high): also ``<scan_id>.uncertain.nii.gz``, the voxels whose ensemble
+    probability is in [low, high), for a student to leave out of its loss (row: ignore_band,
+    uncertain_path, uncertain_hash, uncertain_ml).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,14 +59,16 @@ def label_scans(
         record, mask_path = out_dir / f"{scan_id}.json", out_dir / f"{scan_id}.nii.gz"
         if record.exists() and mask_path.exists():
             row = json.loads(record.read_text())
-            if row.get("teacher_id") == teacher_id and row.get("image_hash") == scan["image_hash"]:
+            same_band = row.get("ignore_band") == (list(ignore_band) if ignore_band else None) and (
+                ignore_band is None or Path(row.get("uncertain_path", "")).is_file())
+            if row.get("teacher_id") == teacher_id and row.get("image_hash") == scan["image_hash"] and same_band:
                 rows.append(row)
                 continue
         if loaded is None:
             loaded = ensemble()
         try:
             seg = segment_scan(Path(scan["image"]), loaded, overlap=overlap, tta=tta, cache_dir=cache_dir,
-                               image_hash=scan["image_hash"])
+                               image_hash=scan["image_hash"], uncertain_band=ignore_band)
         except ScanError as e:
             log.warning("pseudo-label: skipping %s: %s", scan_id, e)
             rows.append({"scan_id": scan_id, "image": str(scan["image"]), "image_hash": scan["image_hash"],
@@ -73,6 +79,12 @@ def label_scans(
                "mask_path": str(mask_path), "mask_hash": file_sha256(mask_path), "teacher_id": teacher_id,
                "members": loaded.names, **seg.scores, "volume_ml": seg.volume_ml, "seconds": seg.seconds,
                "error": ""}
+        if seg.uncertain is not None:
+            uncertain_path = out_dir / f"{scan_id}.uncertain.nii.gz"
+            save_nifti_like(seg.uncertain, Path(scan["image"]), uncertain_path)
+            row |= {"ignore_band": list(ignore_band), "uncertain_path": str(uncertain_path),
+                    "uncertain_hash": file_sha256(uncertain_path),
+                    "uncertain_ml": float(seg.uncertain.sum()) * float(np.prod(seg.info.spacing)) / 1000.0}
         text = json.dumps(row)
         atomic_write(record, lambda tmp, text=text: tmp.write_text(text))
         rows.append(row)

@@ -50,6 +50,7 @@ class ScanSegmentation:
     largest_lesion_ml: float
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    uncertain: np.ndarray | None = None  # uint8 (X, Y, Z): mean probability within ``uncertain_band``
 
 
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
@@ -70,6 +71,7 @@ def segment_scan(
     image_hash: str | None = None,
     cached_case: Path | None = None,
     image: tuple[np.ndarray, ScanInfo] | None = None,
+    uncertain_band: tuple[float, float] | None = None,
 ) -> ScanSegmentation:
     """Segment one scan, a NIfTI file or a DICOM series folder (ScanError with a reason if unusable).
 
@@ -78,6 +80,8 @@ def segment_scan(
     in the cached case. ``cached_case`` is such a case already at hand (it must have been made with
     the ensemble's preprocessing settings). ``image``: the scan already in memory, as validated by
     ``data_catalog.scans.read_image`` or ``array_image`` (``image_path`` is then not read).
+    ``uncertain_band`` (low, high): also mark the voxels whose mean foreground probability is in
+    [low, high) (``ScanSegmentation.uncertain``), the pseudo-label voxels a student may ignore.
     """
     t0 = time.perf_counter()
     case: PreprocessedCase
@@ -103,6 +107,10 @@ def segment_scan(
     scores["predicted_dice"] = ensemble.predicted_dice(scores)
     prob = invert_to_native(out.mean_prob[None], case.affine, case.native_affine, case.native_shape)
     mask = (prob[0] >= FOREGROUND_THRESHOLD).to(torch.uint8).cpu().numpy()
+    uncertain = None
+    if uncertain_band is not None:
+        low, high = uncertain_band
+        uncertain = ((prob[0] >= low) & (prob[0] < high)).to(torch.uint8).cpu().numpy()
     t_inv = time.perf_counter()
     vox_native = float(np.prod(info.spacing)) / 1000.0
     n, sizes = _components(mask)
@@ -115,6 +123,7 @@ def segment_scan(
         n_lesions=n,
         largest_lesion_ml=float(sizes.max()) * vox_native if n else 0.0,
         seconds=0.0,
+        uncertain=uncertain,
     )
     seg.seconds = time.perf_counter() - t0
     seg.timings = {"read": t_read - t0, "preprocess": t_pre - t_read, "networks": t_net - t_pre,

@@ -23,11 +23,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.losses import DiceFocalLoss
+from monai.losses import DiceFocalLoss, FocalLoss, MaskedDiceLoss
+from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
     MapTransform,
     RandAdjustContrastd,
+    RandAffined,
+    RandCoarseDropoutd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -41,14 +44,16 @@ from monai.transforms import (
 from monai.utils import set_determinism
 from pydantic import BaseModel, ConfigDict, Field
 
-from data_catalog.preprocessing import load_preprocessed
+from data_catalog.preprocessing import IGNORE_LABEL, load_preprocessed
 from data_catalog.scans import atomic_write
 from viola_models.backends import cpu_bf16_supported
 from viola_models.configs import build_from_config, count_parameters, model_config
 from viola_models.sliding_window import FOREGROUND_THRESHOLD, sliding_window_probability
 
 __all__ = [
+    "STRONG_AUGMENT",
     "AugmentSettings",
+    "DiceFocalIgnoring",
     "FitResult",
     "TrainCallbacks",
     "TrainSettings",
@@ -57,6 +62,8 @@ __all__ = [
     "fit_digest",
     "lr_at",
     "make_loaders",
+    "pseudo_per_batch",
+    "pseudo_ramp",
     "validate",
 ]
 
@@ -82,6 +89,24 @@ class AugmentSettings(BaseModel):
     flip_prob: float = 0.25  # per axis, independently
     contrast_prob: float = 0.15
     contrast_gamma: tuple[float, float] = (0.78, 1.25)
+    # beyond the paper's nine, off unless asked for (the strong noise of a student's pseudo-labelled
+    # samples, ``STRONG_AUGMENT``): an in-plane rotation with scaling, and cut-out boxes in the image
+    affine_prob: float = 0.0
+    affine_rotate_deg: float = 15.0
+    affine_scale: float = 0.1
+    cutout_prob: float = 0.0
+    cutout_holes: int = 4
+    cutout_fraction: float = 0.15  # each box's side, as a fraction of the patch's side
+
+
+# Noise on the pseudo-labelled samples of a student (Noisy Student, CVPR 2020; ST++, CVPR 2022):
+# the paper's augmentations at higher probabilities and ranges, plus rotation and cut-out, so the
+# student cannot reach the teacher's masks by copying the teacher's view of the scan
+STRONG_AUGMENT = AugmentSettings(
+    zoom_prob=0.3, zoom_range=(0.85, 1.25), noise_prob=0.5, noise_std=0.05, smooth_prob=0.3,
+    smooth_sigma=(0.5, 1.5), rotate90_prob=0.25, shift_prob=0.8, shift_offset=0.2, scale_prob=0.5,
+    scale_factor=0.3, flip_prob=0.5, contrast_prob=0.5, contrast_gamma=(0.6, 1.6), affine_prob=0.5,
+    affine_rotate_deg=15.0, affine_scale=0.1, cutout_prob=0.5, cutout_holes=4, cutout_fraction=0.15)
 
 
 class TrainSettings(BaseModel):
@@ -117,6 +142,17 @@ class TrainSettings(BaseModel):
     num_workers: int = 0
     log_every: int = 10
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    # which weights a run keeps as best.pt: the best validation Dice, or the last step's. With fewer
+    # than ``min_val_cases`` validation cases the best step is not chosen (one case's Dice, often 0
+    # on a hard case, says nothing about a step): the last weights are kept, and the result says why
+    checkpoint: Literal["best", "last"] = "best"
+    min_val_cases: int = Field(2, ge=1)
+    # items marked pseudo-labelled (``fit(pseudo=...)``): their share of every batch (0: drawn from
+    # one pool with the labelled items), their augmentation (None: ``augment``), and the steps over
+    # which their loss weight ramps up from 0 (exp(-5 (1 - t)^2), Laine and Aila 2017; 0: none)
+    pseudo_fraction: float = Field(0.0, ge=0, lt=1)
+    pseudo_augment: AugmentSettings | None = None
+    pseudo_rampup_steps: int = Field(0, ge=0)
 
 
 @dataclass
@@ -137,6 +173,7 @@ class FitResult:
     seconds: float
     resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    selection: str = "best validation Dice"  # how best.pt was chosen (``TrainSettings.checkpoint``)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -167,9 +204,27 @@ class LoadPreprocessed(MapTransform):
                 "label": case.label.astype(np.float32)}
 
 
-def _augmentations(settings: TrainSettings) -> list:
-    a, keys = settings.augment, ["image", "label"]
+def pseudo_ramp(step: int, settings: TrainSettings) -> float:
+    """The pseudo-label loss factor at ``step``: exp(-5 (1 - t)^2), t = step / pseudo_rampup_steps,
+    rising from 0.007 to 1 and then 1 (1 throughout without a ramp)."""
+    if settings.pseudo_rampup_steps <= 0 or step >= settings.pseudo_rampup_steps:
+        return 1.0
+    t = step / settings.pseudo_rampup_steps
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def _augmentations(settings: TrainSettings, augment: AugmentSettings | None = None) -> list:
+    a, keys = augment or settings.augment, ["image", "label"]
     pos, neg = settings.pos_neg_ratio
+    extra = []
+    if a.affine_prob > 0:  # in-plane only: the slices are 2.5-5x thicker than the pixels are wide
+        extra.append(RandAffined(keys, prob=a.affine_prob, rotate_range=(0.0, 0.0, math.radians(a.affine_rotate_deg)),
+                                 scale_range=(a.affine_scale, a.affine_scale, 0.0), mode=("bilinear", "nearest"),
+                                 padding_mode="zeros"))
+    if a.cutout_prob > 0:
+        side = [max(1, round(a.cutout_fraction * p)) for p in settings.patch_size]
+        extra.append(RandCoarseDropoutd("image", holes=a.cutout_holes, spatial_size=side, fill_value=0.0,
+                                        prob=a.cutout_prob))
     return [
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=settings.patch_size, pos=pos, neg=neg,
                                num_samples=1),
@@ -183,23 +238,28 @@ def _augmentations(settings: TrainSettings) -> list:
         RandScaleIntensityd("image", factors=a.scale_factor, prob=a.scale_prob),
         *[RandFlipd(keys, prob=a.flip_prob, spatial_axis=ax) for ax in range(3)],
         RandAdjustContrastd("image", prob=a.contrast_prob, gamma=a.contrast_gamma),
+        *extra,
     ]
 
 
 class _SeededSamples(torch.utils.data.Dataset):
     """Items addressed as (index, sample seed): the random transforms of each sample are seeded by
-    its own seed, so a sample's augmentation does not depend on what was drawn before it."""
+    its own seed, so a sample's augmentation does not depend on what was drawn before it. Index i
+    is item ``where[i] = (dataset, position)``: labelled and pseudo-labelled items live in datasets
+    of their own, each with its own augmentation."""
 
-    def __init__(self, ds: CacheDataset) -> None:
-        self.ds = ds
+    def __init__(self, datasets: Sequence[CacheDataset], where: Sequence[tuple[int, int]]) -> None:
+        self.datasets, self.where = list(datasets), list(where)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.where)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, sample_seed = key
-        self.ds.transform.set_random_state(seed=sample_seed)
-        return self.ds[index]
+        d, pos = self.where[index]
+        ds = self.datasets[d]
+        ds.transform.set_random_state(seed=sample_seed)
+        return ds[pos]
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -209,51 +269,125 @@ class StepBatches(torch.utils.data.Sampler):
     g div N, whose order is a permutation drawn from (seed, epoch), and its augmentation seed is
     drawn from (seed, g). Training resumed at step s therefore sees exactly the batches an
     uninterrupted run sees from step s on, whatever the number of loader workers.
+
+    ``second`` (indices ``n_items`` .. ``n_items + len - 1``, e.g. the pseudo-labelled items) with
+    ``n_second`` > 0: each batch takes ``batch_size - n_second`` samples from the first items and
+    ``n_second`` from these, each group with its own epochs (seeded by (seed, epoch, 1) and
+    (seed, g, 1)), so the ratio is the same in every batch however many items each group has.
     """
 
-    def __init__(self, n_items: int, batch_size: int, seed: int, start_step: int, max_steps: int) -> None:
+    def __init__(self, n_items: int, batch_size: int, seed: int, start_step: int, max_steps: int,
+                 n_second_items: int = 0, n_second: int = 0) -> None:
+        if n_second and not 0 < n_second < batch_size:
+            raise ValueError(f"{n_second} sample(s) of the second group in a batch of {batch_size}: need 0 < n < "
+                             "batch size")
         self.n, self.batch_size, self.seed = n_items, batch_size, seed
         self.start_step, self.max_steps = start_step, max_steps
+        self.n_second_items, self.n_second = n_second_items, n_second if n_second_items else 0
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step)
 
+    def _group(self, step: int, per_batch: int, n: int, offset: int, salt: tuple[int, ...],
+               perms: dict[int, np.ndarray]) -> list[tuple[int, int]]:
+        out = []
+        for g in range(step * per_batch, (step + 1) * per_batch):
+            epoch, pos = divmod(g, n)
+            if epoch not in perms:
+                perms.clear()
+                perms[epoch] = np.random.default_rng([self.seed, epoch, *salt]).permutation(n)
+            sample_seed = int(np.random.SeedSequence([self.seed, g, *salt]).generate_state(1)[0])
+            out.append((offset + int(perms[epoch][pos]), sample_seed))
+        return out
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perms: dict[int, np.ndarray] = {}
+        first: dict[int, np.ndarray] = {}
+        second: dict[int, np.ndarray] = {}
+        n_first = self.batch_size - self.n_second
         for step in range(self.start_step, self.max_steps):
-            batch = []
-            for g in range(step * self.batch_size, (step + 1) * self.batch_size):
-                epoch, pos = divmod(g, self.n)
-                if epoch not in perms:
-                    perms.clear()
-                    perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-                sample_seed = int(np.random.SeedSequence([self.seed, g]).generate_state(1)[0])
-                batch.append((int(perms[epoch][pos]), sample_seed))
+            batch = self._group(step, n_first, self.n, 0, (), first)
+            if self.n_second:
+                batch += self._group(step, self.n_second, self.n_second_items, self.n, (1,), second)
             yield batch
 
 
+def pseudo_per_batch(settings: TrainSettings, n_labelled: int, n_pseudo: int) -> int:
+    """How many samples of each batch are pseudo-labelled: ``pseudo_fraction`` of the batch, at
+    least 1 and at most all but one; 0 without pseudo-labelled (or without labelled) items or
+    without a fraction (one pool)."""
+    if settings.pseudo_fraction <= 0 or not n_pseudo or not n_labelled or settings.batch_size < 2:
+        return 0
+    return min(settings.batch_size - 1, max(1, round(settings.pseudo_fraction * settings.batch_size)))
+
+
 def make_loaders(train_items: Sequence[Path], settings: TrainSettings, seed: int | None = None,
-                 item_weights: Sequence[float] | None = None, start_step: int = 0) -> DataLoader:
+                 item_weights: Sequence[float] | None = None, start_step: int = 0,
+                 pseudo: Sequence[bool] | None = None) -> DataLoader:
     """A loader of augmented patches from the cached cases (all held in memory): one batch per
     step from ``start_step`` to ``settings.max_steps``, each a pure function of (seed, step).
 
-    Each batch carries ``weight`` (B,): the loss weight of each patch's case (1 by default).
+    Each batch carries ``weight`` (B,): the loss weight of each patch's case (1 by default), and
+    ``pseudo`` (B,): 1 for a patch of an item marked pseudo-labelled. Those items get
+    ``settings.pseudo_augment`` and, with ``settings.pseudo_fraction``, a fixed share of every
+    batch (:func:`pseudo_per_batch`).
     """
     seed = settings.seed if seed is None else seed
     weights = [1.0] * len(train_items) if item_weights is None else [float(w) for w in item_weights]
-    if len(weights) != len(train_items):
-        raise ValueError(f"{len(weights)} item weight(s) for {len(train_items)} training item(s)")
+    flags = [False] * len(train_items) if pseudo is None else [bool(f) for f in pseudo]
+    if len(weights) != len(train_items) or len(flags) != len(train_items):
+        raise ValueError(f"{len(weights)} item weight(s) and {len(flags)} pseudo flag(s) for {len(train_items)} "
+                         "training item(s)")
     if not train_items:
         raise ValueError("no training items")
     base = [LoadPreprocessed(), SpatialPadd(["image", "label"], spatial_size=settings.patch_size)]
-    transform = Compose(base + _augmentations(settings))
-    ds = CacheDataset(data=[{"path": str(p), "weight": w} for p, w in zip(train_items, weights, strict=True)],
-                      transform=transform, cache_rate=1.0, num_workers=0, progress=False)
-    batches = StepBatches(len(ds), settings.batch_size, seed, start_step, settings.max_steps)
+    n_second = pseudo_per_batch(settings, flags.count(False), flags.count(True))
+    # two groups when the batch has a fixed ratio or the pseudo-labelled items their own noise
+    split = n_second > 0 or (settings.pseudo_augment is not None and any(flags))
+    groups = [[i for i, f in enumerate(flags) if not f], [i for i, f in enumerate(flags) if f]] if split \
+        else [list(range(len(train_items)))]
+    datasets, where = [], {}
+    for k, members in enumerate(groups):
+        if not members:
+            continue
+        augment = settings.pseudo_augment if k == 1 else settings.augment
+        data = [{"path": str(train_items[i]), "weight": weights[i], "pseudo": float(flags[i])} for i in members]
+        datasets.append(CacheDataset(data=data, transform=Compose(base + _augmentations(settings, augment)),
+                                     cache_rate=1.0, num_workers=0, progress=False))
+        where |= {i: (len(datasets) - 1, pos) for pos, i in enumerate(members)}
+    order = [i for members in groups for i in members]  # sampler index -> item: group 0 first, then group 1
+    if n_second:
+        batches = StepBatches(len(groups[0]), settings.batch_size, seed, start_step, settings.max_steps,
+                              n_second_items=len(groups[1]), n_second=n_second)
+    else:
+        batches = StepBatches(len(order), settings.batch_size, seed, start_step, settings.max_steps)
     # its own generator: creating the loader's iterator must not draw from the global torch stream,
     # which dropout uses and a resume restores
-    return DataLoader(_SeededSamples(ds), batch_sampler=batches, num_workers=settings.num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(_SeededSamples(datasets, [where[i] for i in order]), batch_sampler=batches,
+                      num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+class DiceFocalIgnoring:
+    """MONAI's ``DiceFocalLoss(to_onehot_y=True, softmax=True)`` where some voxels carry no loss.
+
+    Voxels labelled ``IGNORE_LABEL`` (uncertain pseudo-label voxels, Lin and Yuh, arXiv 2105.00582)
+    are left out of both terms: the softmax Dice over the other voxels (``MaskedDiceLoss`` on a
+    one-hot target) and the focal term averaged over them, so they get no gradient. A label
+    without such voxels gets exactly ``DiceFocalLoss``. ``logits`` (B, C, X, Y, Z), ``label`` (B, 1, X, Y, Z).
+    """
+
+    def __init__(self) -> None:
+        self.plain = DiceFocalLoss(to_onehot_y=True, softmax=True)
+        self.dice = MaskedDiceLoss(softmax=True)
+        self.focal = FocalLoss(reduction="none")  # DiceFocalLoss's own focal term, per voxel and class
+
+    def __call__(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        ignore = label == IGNORE_LABEL
+        if not bool(ignore.any()):
+            return self.plain(logits, label)
+        keep = (~ignore).to(logits.dtype)  # (B, 1, X, Y, Z)
+        target = one_hot(torch.where(ignore, torch.zeros_like(label), label), num_classes=logits.shape[1])
+        focal = (self.focal(logits, target) * keep).sum() / (keep.sum() * logits.shape[1]).clamp_min(1.0)
+        return self.dice(logits, target, mask=keep) + focal
 
 
 def deep_supervision_loss(output: torch.Tensor, label: torch.Tensor, loss_fn: Callable,
@@ -311,6 +445,16 @@ def _amp_dtype(settings: TrainSettings, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if device.type == "cpu" and cpu_bf16_supported() else None
 
 
+def _selection(settings: TrainSettings, n_val: int) -> str:
+    """How ``fit`` chooses best.pt: by validation Dice only when asked to and with enough cases."""
+    if settings.checkpoint == "last":
+        return "last step's weights (checkpoint = last)"
+    if n_val < settings.min_val_cases:
+        return (f"last step's weights: {n_val} validation case(s), fewer than the {settings.min_val_cases} "
+                "a best step is chosen by")
+    return "best validation Dice"
+
+
 def _optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -345,10 +489,12 @@ def _file_sha256(path: Path) -> str:
 
 
 def fit_digest(train_items: Sequence[Path], val_items: Sequence[Path], settings: TrainSettings,
-               init_weights: Path | None = None, item_weights: Sequence[float] | None = None) -> str:
+               init_weights: Path | None = None, item_weights: Sequence[float] | None = None,
+               pseudo: Sequence[bool] | None = None) -> str:
     """The reuse and resume key of a training run: the settings, the content of every training and
-    validation item (the preprocessing cache names its files by content), the loss weights, and
-    the content of the initial weights. Any change gives a new key, and the run starts again."""
+    validation item (the preprocessing cache names its files by content), the loss weights, which
+    items are pseudo-labelled, and the content of the initial weights. Any change gives a new key,
+    and the run starts again."""
     payload = {
         "settings": settings.model_dump(mode="json"),
         "train": [Path(p).name for p in train_items],
@@ -356,6 +502,8 @@ def fit_digest(train_items: Sequence[Path], val_items: Sequence[Path], settings:
         "weights": None if item_weights is None else [round(float(w), 6) for w in item_weights],
         "init": _file_sha256(Path(init_weights)) if init_weights else None,
     }
+    if pseudo is not None and any(pseudo):
+        payload["pseudo"] = [bool(f) for f in pseudo]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -369,6 +517,7 @@ def fit(
     device: torch.device | str | None = None,
     meta: dict[str, Any] | None = None,
     item_weights: Sequence[float] | None = None,
+    pseudo: Sequence[bool] | None = None,
 ) -> FitResult:
     """Train one network; idempotent and resumable in ``out_dir``.
 
@@ -378,13 +527,14 @@ def fit(
     same :func:`fit_digest` returns its result without training, and a killed one resumes exactly
     where ``last.pt`` left it (batches and augmentations are a function of the step). ``init_weights``
     (a member checkpoint) starts fine-tuning from another network's weights; ``item_weights``
-    scales each training item's loss. ``meta`` is stored in ``best.pt``.
+    scales each training item's loss; ``pseudo`` marks the pseudo-labelled items (their batch
+    share, augmentation and loss ramp: ``TrainSettings.pseudo_*``). ``meta`` is stored in ``best.pt``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cb = callbacks or TrainCallbacks()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    digest = fit_digest(train_items, val_items, settings, init_weights, item_weights)
+    digest = fit_digest(train_items, val_items, settings, init_weights, item_weights, pseudo)
     done_file = out_dir / "result.json"
     if done_file.exists():
         done = json.loads(done_file.read_text())
@@ -405,7 +555,7 @@ def fit(
     opt = _optimizer(model, settings)
     amp_dtype = _amp_dtype(settings, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    loss_fn = DiceFocalLoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceFocalIgnoring()
 
     step, best_dice, best_step, history = 0, -math.inf, -1, []
     last = out_dir / "last.pt"
@@ -427,7 +577,10 @@ def fit(
             log.warning("%s: last.pt was written for other inputs or settings; starting again", out_dir.name)
     resumed_from = step
 
-    loader = make_loaders(train_items, settings, item_weights=item_weights, start_step=resumed_from)
+    loader = make_loaders(train_items, settings, item_weights=item_weights, start_step=resumed_from, pseudo=pseudo)
+    selection = _selection(settings, len(val_items))
+    if selection != "best validation Dice":
+        log.warning("%s: best.pt holds the %s", out_dir.name, selection)
     batches = iter(loader)
     started = time.perf_counter()
     window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
@@ -453,7 +606,12 @@ def fit(
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = forward(image)
-        loss = deep_supervision_loss(out, label, loss_fn, batch["weight"].to(device))
+        weight = batch["weight"].to(device)
+        ramp = pseudo_ramp(step, settings)
+        if ramp < 1.0:
+            is_pseudo = batch["pseudo"].to(device) > 0
+            weight = torch.where(is_pseudo, weight * ramp, weight)
+        loss = deep_supervision_loss(out, label, loss_fn, weight)
         scaler.scale(loss).backward()
         if settings.grad_clip:
             scaler.unscale_(opt)
@@ -474,8 +632,8 @@ def fit(
             window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
         if step % settings.val_every == 0 or step == settings.max_steps:
             dice = validate(model, val_items, settings, device)
-            # without validation cases the latest weights are the best we know
-            improved = math.isnan(dice) or dice > best_dice
+            # without validation cases worth choosing by, the latest weights are the best we know
+            improved = selection != "best validation Dice" or math.isnan(dice) or dice > best_dice
             if improved:
                 best_dice, best_step = dice, step
                 _save_atomic({"model_name": settings.model, "model_config": json.dumps(cfg),
@@ -489,7 +647,8 @@ def fit(
             if cb.on_checkpoint:
                 cb.on_checkpoint(last)
     result = FitResult(best_dice=best_dice, best_step=best_step, steps=step, best_checkpoint=out_dir / "best.pt",
-                       seconds=time.perf_counter() - started, resumed_from=resumed_from, history=history)
+                       seconds=time.perf_counter() - started, resumed_from=resumed_from, history=history,
+                       selection=selection)
     text = json.dumps(result.to_json() | {"digest": digest}, indent=1)
     atomic_write(done_file, lambda tmp: tmp.write_text(text))
     return result
