@@ -149,6 +149,10 @@ def run(
             _fail(str(e), code=1)
     for res in results:
         typer.echo(res["summary"])
+    from flows.self_training import compare_arms
+
+    if comparison := compare_arms(results):
+        typer.echo(comparison)
 
 
 @app.command()

@@ -42,7 +42,7 @@ from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
 from viola_models.backends import InferenceSettings
 
-__all__ = ["label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
+__all__ = ["compare_arms", "label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
 
 
 def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float,
@@ -50,7 +50,7 @@ def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test
     lines = [f"{name} summary ({seconds / 60:.1f} min)", f"  {'member':<22}{'val Dice':>10}{'best step':>11}"]
     lines += [f"  {m['name']:<22}{m['val_dice']:>10.4f}{m['best_step']:>11d}" for m in members]
     for m in members:  # a fold too small to choose a step by says so
-        if m.get("selection", "best validation Dice") != "best validation Dice":
+        if "validation case(s)" in m.get("selection", ""):
             lines.append(f"  {m['name']}: {m['selection']}")
     if calibration and calibration.get("n_points", 0) < 3:
         lines.append(f"  calibration: {calibration.get('n_points', 0)} out-of-fold point(s), too few to fit: the "
@@ -63,6 +63,30 @@ def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test
         lines.append("  test: " + ", ".join(f"{k.split('/')[1].upper()} {v:.4f}" for k, v in test.items()
                                             if k in ("test/dsc", "test/hd", "test/nsd", "test/rvd")))
     return "\n".join(lines)
+
+
+def compare_arms(results: list[dict]) -> str:
+    """Each self-training round of ``results`` (one call's arms) beside the round before it and
+    its own control and oracle, where the call ran them: test DSC and mean validation Dice."""
+    def val(res: dict) -> float:
+        dice = [m["val_dice"] for m in res.get("members", []) if m["val_dice"] == m["val_dice"]]
+        return sum(dice) / len(dice) if dice else float("nan")
+
+    ran = {(r["round"], r["arm"]): r for r in results if not r.get("skipped") and r.get("test")}
+    lines = []
+    for (r, arm), res in sorted(ran.items()):
+        if arm != "self-training" or r == 0:
+            continue
+        dsc = res["test"].get("test/dsc", float("nan"))
+        for label, other in ((f"round {r - 1}", ran.get((r - 1, "self-training"))),
+                             (f"round {r} (control)", ran.get((r, "control"))),
+                             (f"round {r} (oracle)", ran.get((r, "oracle")))):
+            if other is None:
+                continue
+            d = dsc - other["test"].get("test/dsc", float("nan"))
+            lines.append(f"  round {r} vs {label:<20} test DSC {dsc:.4f} vs {other['test'].get('test/dsc'):.4f} "
+                         f"({d:+.4f}), validation Dice {val(res):.4f} vs {val(other):.4f}")
+    return "\n".join(["does the round help?", *lines]) if lines else ""
 
 
 def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str = "self-training",
@@ -234,6 +258,9 @@ def self_training(profile: str = "demo", data_root: str | None = None, rounds: i
                 break
             results += [run_arm(settings, uri, data, arm, r, force) for arm in extra]
         end_invocation(settings.work_dir)
+    comparison = compare_arms(results)
+    if comparison:
+        get_run_logger().info("%s", comparison)
     ran = [f"{r['arm']} round {r['round']}" for r in results if not r.get("skipped")]
     skipped = [r["skipped"] for r in results if r.get("skipped") and r["arm"] == "self-training"]
     # the flow run ends Completed either way; its message says what ran and why a round did not

@@ -66,3 +66,18 @@ def test_student_options_reach_the_pseudo_labelled_rounds_only():
     assert same.pseudo_augment is None
     with pytest.raises(ProfileError, match="ignore_band"):
         load_profile("bench", overrides={"pseudo": {"ignore_band": [0.7, 0.3]}})
+
+
+def test_a_calls_summary_puts_each_round_beside_the_round_before_and_its_control():
+    from flows.self_training import compare_arms
+
+    def arm(r, name, dsc, val):
+        return {"round": r, "arm": name, "test": {"test/dsc": dsc}, "members": [{"val_dice": val}, {"val_dice": val}]}
+
+    text = compare_arms([arm(0, "self-training", 0.50, 0.60), arm(1, "self-training", 0.55, 0.64),
+                         arm(1, "control", 0.52, 0.62), {"round": 2, "arm": "self-training", "skipped": "idle"}])
+    lines = text.splitlines()
+    assert lines[0] == "does the round help?" and len(lines) == 3
+    assert "round 1 vs round 0" in lines[1] and "(+0.0500)" in lines[1] and "0.6400 vs 0.6000" in lines[1]
+    assert "round 1 vs round 1 (control)" in lines[2] and "(+0.0300)" in lines[2]
+    assert compare_arms([arm(0, "self-training", 0.5, 0.6)]) == ""
