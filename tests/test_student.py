@@ -47,8 +47,8 @@ def test_uncertain_voxels_become_the_ignore_label_of_the_students_cases(ensemble
         label_scans(predicted_again, scans, tmp_path / "band", "t", ignore_band=(0.3, 0.7))
     pair = {"scan_id": "u0", "image": str(path), "image_hash": scans["u0"]["image_hash"], "label": row.mask_path,
             "label_hash": row.mask_hash}
-    without, = preprocess_pairs([pair], tmp_path / "cache", PRE)
-    marked, = preprocess_pairs([{**pair, "ignore": row.uncertain_path, "ignore_hash": row.uncertain_hash}],
+    without, = preprocess_pairs.fn([pair], tmp_path / "cache", PRE)  # the task's function: no Prefect API
+    marked, = preprocess_pairs.fn([{**pair, "ignore": row.uncertain_path, "ignore_hash": row.uncertain_hash}],
                                tmp_path / "cache", PRE)
     assert without["cache"] != marked["cache"]  # the ignore map is part of the content address
     a, b = load_preprocessed(without["cache"]).label, load_preprocessed(marked["cache"]).label

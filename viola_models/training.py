@@ -270,10 +270,10 @@ class StepBatches(torch.utils.data.Sampler):
     drawn from (seed, g). Training resumed at step s therefore sees exactly the batches an
     uninterrupted run sees from step s on, whatever the number of loader workers.
 
-    ``second`` (indices ``n_items`` .. ``n_items + len - 1``, e.g. the pseudo-labelled items) with
-    ``n_second`` > 0: each batch takes ``batch_size - n_second`` samples from the first items and
-    ``n_second`` from these, each group with its own epochs (seeded by (seed, epoch, 1) and
-    (seed, g, 1)), so the ratio is the same in every batch however many items each group has.
+    A second group of ``n_second_items`` items (indices ``n_items`` onwards, e.g. the pseudo-labelled
+    items) with ``n_second`` > 0: each batch takes ``batch_size - n_second`` samples from the first
+    items and ``n_second`` from the second, each group with its own epochs (seeded by (seed, epoch,
+    1) and (seed, g, 1)), so the ratio is the same in every batch however many items each group has.
     """
 
     def __init__(self, n_items: int, batch_size: int, seed: int, start_step: int, max_steps: int,
