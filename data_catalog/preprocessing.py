@@ -141,19 +141,19 @@ def preprocess_arrays(
     img = orient(img)
     # the resampled grid is computed once from the image and reused for the label
     img = Spacing(pixdim=settings.target_spacing, mode="bilinear", padding_mode="border")(img)
+    linear = settings.label_interpolation == "linear"
+
+    def to_grid(mask: np.ndarray) -> MetaTensor:  # a {0, 1} map onto the image's new grid, {0, 1} again
+        m = orient(MetaTensor(torch.as_tensor(np.asarray(mask, dtype=np.float32))[None], affine=aff.clone()))
+        m = Spacing(pixdim=settings.target_spacing, mode="bilinear" if linear else "nearest",
+                    padding_mode="zeros")(m, output_spatial_shape=img.shape[1:])
+        return MetaTensor((m.as_tensor() >= 0.5).to(torch.float32), affine=m.affine)
+
     lab = None
     if label is not None:
-        lab = MetaTensor(torch.as_tensor(np.asarray(label, dtype=np.float32))[None], affine=aff.clone())
-        lab = orient(lab)
-        linear = settings.label_interpolation == "linear"
-        lab = Spacing(pixdim=settings.target_spacing, mode="bilinear" if linear else "nearest",
-                      padding_mode="zeros")(lab, output_spatial_shape=img.shape[1:])
-        lab = MetaTensor((lab.as_tensor() >= 0.5).to(torch.float32), affine=lab.affine)
+        lab = to_grid(label)
         if ignore is not None:
-            ign = orient(MetaTensor(torch.as_tensor(np.asarray(ignore, dtype=np.float32))[None], affine=aff.clone()))
-            ign = Spacing(pixdim=settings.target_spacing, mode="bilinear" if linear else "nearest",
-                          padding_mode="zeros")(ign, output_spatial_shape=img.shape[1:])
-            lab = MetaTensor(torch.where(ign.as_tensor() >= 0.5, float(IGNORE_LABEL), lab.as_tensor()),
+            lab = MetaTensor(torch.where(to_grid(ignore).as_tensor() > 0, float(IGNORE_LABEL), lab.as_tensor()),
                              affine=lab.affine)
     if settings.crop_foreground:
         threshold = settings.foreground_hu

@@ -34,7 +34,6 @@ from tasks.rounds import (
     latest_finished_round,
     open_round_run,
     plan_round,
-    read_state,
     recover_crashed,
     round_guard,
 )
@@ -65,12 +64,17 @@ def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test
     return "\n".join(lines)
 
 
+def _mean_val_dice(members: list[dict]) -> float:
+    """The members' mean validation Dice, over those that have one (NaN when none has)."""
+    dice = [m["val_dice"] for m in members if m["val_dice"] == m["val_dice"]]
+    return sum(dice) / len(dice) if dice else float("nan")
+
+
 def compare_arms(results: list[dict]) -> str:
     """Each self-training round of ``results`` (one call's arms) beside the round before it and
     its own control and oracle, where the call ran them: test DSC and mean validation Dice."""
     def val(res: dict) -> float:
-        dice = [m["val_dice"] for m in res.get("members", []) if m["val_dice"] == m["val_dice"]]
-        return sum(dice) / len(dice) if dice else float("nan")
+        return _mean_val_dice(res.get("members", []))
 
     ran = {(r["round"], r["arm"]): r for r in results if not r.get("skipped") and r.get("test")}
     lines = []
@@ -144,11 +148,9 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     if arm == "self-training":  # only this arm's ensemble teaches the next round
         calib = calibrate(groups, settings.pseudo.rule, settings.pseudo.calibration.overlap, rdir, tracking_uri,
                           run_id, r, device=device, inference=inference)
-    val = [m["val_dice"] for m in members if m["val_dice"] == m["val_dice"]]
     guard = {}
     if arm == "self-training":  # whether this round teaches the next: validation scans only
-        teacher_val = read_state(Path(plan.teacher_dir).parent).get("val_dice") if r > 0 else None
-        guard = round_guard(r, sum(val) / len(val) if val else float("nan"), plan.teacher_round, teacher_val,
+        guard = round_guard(r, _mean_val_dice(members), plan.teacher_round, plan.teacher_val_dice,
                             settings.round.guard)
     ens_dir = assemble_ensemble(rdir / "ensemble", members, settings.preprocess, calib["calibration"],
                                 calib["points"], round=r, arm=arm, profile=settings.name,

@@ -106,16 +106,14 @@ def pseudo_label(
                "pseudo/calibration_points": calibration.n_points, "pseudo/seconds": time.perf_counter() - t0}
     if truth:
         metrics |= {f"pseudo/{k}": v for k, v in truth_report(decided).items()}
+    if ignore_band is not None and len(selected):
+        metrics["pseudo/uncertain_ml_selected"] = float(selected["uncertain_ml"].mean())
     tracking.log_metrics(client, run_id, metrics, round_)
     tracking.set_tags(client, run_id, {"viola.pseudo_rule": decided["rule"].iloc[0][:5000]})
     _log_figures(client, run_id, decided, Path(out_dir), n_overlays, manifest_teacher, calibration, rule, truth)
     log.info("pseudo-labels of round %d: %d of %d selected (%s)%s", round_, len(selected), len(decided),
              decided["rule"].iloc[0], f"; true Dice of the selected {metrics['pseudo/true_dice_selected']:.3f}, "
              f"of the rejected {metrics['pseudo/true_dice_rejected']:.3f}" if truth else "")
-    if ignore_band is not None and len(selected):
-        metrics["pseudo/uncertain_ml_selected"] = float(selected["uncertain_ml"].mean())
-        tracking.log_metrics(client, run_id, {"pseudo/uncertain_ml_selected": metrics["pseudo/uncertain_ml_selected"]},
-                             round_)
     return [{"scan_id": r.scan_id, "image": r.image, "image_hash": r.image_hash, "label": r.mask_path,
              "label_hash": r.mask_hash,
              "weight": _weight(r.predicted_dice, rule) if weight_by_predicted_dice else 1.0,

@@ -192,6 +192,7 @@ class RoundPlan:
     teacher_dir: str = ""  # the previous self-training round's ensemble: it makes the pseudo-labels
     teacher_run_id: str = ""
     teacher_round: int = -1
+    teacher_val_dice: float | None = None  # its members' mean validation Dice, for the round guard
     init_ensemble_dir: str = ""  # the ensemble whose members the students start from
     previous_run_id: str = ""
     self_training_run_id: str = ""  # for sibling arms: the round they are the control/oracle of
@@ -228,7 +229,9 @@ def plan_round(work_dir: Path, arm: str, round_: int | None, catalog_hash: str, 
         plan.teacher_round = teacher_for(work_dir, round_)
         teacher = arm_dir(work_dir, plan.teacher_round)
         plan.teacher_dir = str(teacher / "ensemble")
-        plan.teacher_run_id = read_state(teacher).get("run_id", "")
+        teacher_state = read_state(teacher)
+        plan.teacher_run_id = teacher_state.get("run_id", "")
+        plan.teacher_val_dice = teacher_state.get("val_dice")
         same_arm_prev = arm_dir(work_dir, round_ - 1, arm)
         init_from = same_arm_prev if arm != "self-training" and _finished(same_arm_prev) else teacher
         plan.init_ensemble_dir = str(init_from / "ensemble")
