@@ -61,10 +61,7 @@ def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, ru
     if not client.list_artifacts(run_id, "ensemble"):
         tracking.log_ensemble(client, run_id, Path(ensemble_dir))
     source = f"{client.get_run(run_id).info.artifact_uri}/ensemble"
-    try:
-        client.get_registered_model(model_name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(model_name, description="viola-ICH self-training ensembles, one per round")
+    tracking.ensure_registered_model(client, model_name, "viola-ICH self-training ensembles, one per round")
     existing = [v for v in client.search_model_versions(f"name='{model_name}'") if v.run_id == run_id]
     dsc = math.nan if test_dsc is None else float(test_dsc)
     version = existing[0] if existing else client.create_model_version(

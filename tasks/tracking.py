@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ __all__ = [
     "create_run",
     "default_tracking_uri",
     "download_ensemble",
+    "ensure_registered_model",
     "experiment_id",
     "fetch_member_checkpoints",
     "log_ensemble",
@@ -60,6 +62,10 @@ class TrackingUnavailable(RuntimeError):
 BUSY_WAIT_S = 60.0  # how long a busy or unreachable store is retried before giving up
 _TRANSIENT = ("database is locked", "database table is locked", "connection refused", "max retries exceeded",
               "failed to establish a new connection", "temporarily unavailable", "timed out")
+# a get-or-create that lost a race: another worker inserted the same row (dataset, tag, param) between
+# this one's read and its insert; the store rolled the call back, and made again it finds that row
+_CONFLICT = ("unique constraint", "duplicate key value", "integrityerror", "uniqueviolation")
+CONFLICT_TRIES = 6
 
 
 def default_tracking_uri(cwd: Path | None = None, create: bool = True) -> str:
@@ -83,17 +89,30 @@ def _transient(e: BaseException) -> bool:
     return any(t in text for t in _TRANSIENT)
 
 
+def _conflict(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(t in text for t in _CONFLICT)
+
+
 def with_retries(call, what: str, wait_s: float | None = None):
     """``call()``, retried with backoff while the store is busy (SQLite locked by another writer) or
     unreachable (a tracking server restarting); after ``wait_s`` (default ``BUSY_WAIT_S``) a
-    TrackingUnavailable with one line."""
+    TrackingUnavailable with one line. A call that lost a unique-constraint race to another worker
+    (both inserting the same dataset, tag or parameter at once) is made again after a short random
+    wait, up to ``CONFLICT_TRIES`` times: the store rolled it back, and the second time it finds the row."""
     wait_s = BUSY_WAIT_S if wait_s is None else wait_s
     deadline = time.monotonic() + wait_s
     delay = 0.2
+    conflicts = 0
     while True:
         try:
             return call()
         except Exception as e:
+            if _conflict(e) and conflicts < CONFLICT_TRIES - 1:
+                conflicts += 1
+                log.info("MLflow store %s: another worker wrote the same row at once; trying again", what)
+                time.sleep(random.uniform(0.05, 0.25) * conflicts)
+                continue
             if not _transient(e):
                 raise
             if time.monotonic() + delay > deadline:
@@ -229,7 +248,13 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def _already_exists(e: BaseException) -> bool:
+    return getattr(e, "error_code", "") == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(e).lower()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment ``name``, created if need be (restored if deleted); two workers
+    creating it at once get the same one."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -237,7 +262,26 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return exp.experiment_id
     root = _artifact_root(client.tracking_uri)
     location = f"{root}/{name}" if root else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as e:
+        if not _already_exists(e):
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another worker created it first
+
+
+def ensure_registered_model(client: MlflowClient, name: str, description: str) -> None:
+    """Create the registered model ``name`` unless it exists (also when another worker creates it at once)."""
+    try:
+        client.get_registered_model(name)
+        return
+    except mlflow.exceptions.MlflowException:
+        pass
+    try:
+        client.create_registered_model(name, description=description)
+    except mlflow.exceptions.MlflowException as e:
+        if not _already_exists(e):
+            raise
 
 
 def create_run(client: MlflowClient, exp_id: str, name: str, tags: Mapping[str, Any],
