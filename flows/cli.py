@@ -36,6 +36,44 @@ def _setup(verbose: bool = False, flows: bool = False) -> None:
         logging.basicConfig(level=level, format="%(message)s")
 
 
+def _profile_root(profile: str, data: Path | None, set_: list[str] | None) -> Path | None:
+    """The data root a call will work on, read without importing Prefect (its settings are fixed at
+    import): ``--data``, a ``--set data.root=...``, or the profile's ``[data] root``. None when the
+    profile cannot be read (``load_profile`` then says why) or a user's data root does not exist
+    (nothing is created there before it is checked)."""
+    import tomllib
+
+    if data is not None:
+        return data.expanduser().resolve() if data.is_dir() else None
+    for item in set_ or []:
+        key, _, value = item.partition("=")
+        if key.strip() == "data.root":
+            try:
+                root = Path(str(tomllib.loads(f"v = {value}")["v"])).expanduser().resolve()
+            except tomllib.TOMLDecodeError:
+                root = Path(value.strip()).expanduser().resolve()
+            return root if root.is_dir() else None
+    path = Path(profile)
+    if not path.suffix:
+        path = Path(__file__).resolve().parent / "profiles" / f"{profile}.toml"
+    try:
+        root = tomllib.loads(path.read_text()).get("data", {}).get("root")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return Path(str(root)).expanduser().resolve() if root else None
+
+
+def _isolate_prefect(root: Path | None) -> None:
+    """Runs on different data roots at once must not share one Prefect database: unless the user
+    names a Prefect API (``PREFECT_API_URL``) or database, this process's temporary Prefect server
+    keeps its state in ``DATA_ROOT/viola_work/prefect/prefect.db`` (one run per data root holds it)."""
+    if root is None or any(os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")):
+        return
+    folder = root / "viola_work" / "prefect"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -116,13 +154,19 @@ def run(
     force: Annotated[bool, typer.Option(help="run a round even when nothing changed since the last one")] = False,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="change a profile setting for this call, e.g. --set student.init=scratch")] = None,
+    resume: Annotated[bool, typer.Option(help="finish the interrupted call on this data root as it was asked")] = False,
+    abandon: Annotated[bool, typer.Option(help="leave the interrupted call on this data root; run this one")] = False,
 ) -> None:
-    """Run the next self-training round(s) in this process (Prefect's ephemeral API, no server)."""
+    """Run the next self-training round(s) in this process (Prefect's ephemeral API, no server).
+
+    After an interrupted call, the same command continues it; a different one is refused until it
+    says --resume (finish the interrupted call as it was) or --abandon (run this one instead)."""
+    _isolate_prefect(_profile_root(profile, data, set_))
     _setup(flows=True)
     from data_catalog.catalog import discover
     from flows.profiles import ProfileError, load_profile, parse_overrides
     from tasks.compute import ClusterError, check_reachable
-    from tasks.rounds import RunBusyError, exclusive
+    from tasks.rounds import CallConflict, RunBusyError, decide_call, exclusive, requested_call
     from tasks.tracking import TrackingUnavailable, default_tracking_uri
 
     held = ExitStack()
@@ -136,7 +180,9 @@ def run(
                         os.environ.get("PREFECT_API_URL"))
         # the data root is this process's until it exits (the flow takes the same lock again)
         held.enter_context(exclusive(settings.work_dir, create_root=not user_root))
-    except (ProfileError, FileNotFoundError, RunBusyError, ClusterError) as e:
+        decide_call(settings.work_dir, requested_call(profile, rounds, settings.round.control if control is None
+                                                      else control, oracle, force, overrides), resume, abandon)
+    except (ProfileError, FileNotFoundError, RunBusyError, ClusterError, CallConflict) as e:
         _fail(str(e))
     from flows.self_training import self_training
 
@@ -144,7 +190,7 @@ def run(
         try:
             results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
                                     tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
-                                    overrides=overrides or None)
+                                    overrides=overrides or None, resume=resume, abandon=abandon)
         except (*_KNOWN, RunBusyError, TrackingUnavailable, ClusterError) as e:
             _fail(str(e), code=1)
     for res in results:

@@ -12,6 +12,7 @@ each arm lives and what it starts from: ``tasks.rounds``.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -29,12 +30,14 @@ from tasks.registry import register_ensemble
 from tasks.rounds import (
     begin_invocation,
     close_round_run,
+    decide_call,
     end_invocation,
     exclusive,
     latest_finished_round,
     open_round_run,
     plan_round,
     recover_crashed,
+    requested_call,
     round_guard,
 )
 from tasks.tracking import shared_tracking
@@ -229,26 +232,36 @@ def score_test_scans(ensemble_dir: Path, scans: dict[str, dict], cache: Path, co
 @flow(name="self-training", log_prints=True)
 def self_training(profile: str = "demo", data_root: str | None = None, rounds: int = 1,
                   tracking_uri: str | None = None, control: bool | None = None, oracle: bool = False,
-                  force: bool = False, overrides: dict | None = None) -> list[dict]:
+                  force: bool = False, overrides: dict | None = None, resume: bool = False,
+                  abandon: bool = False) -> list[dict]:
     """Run the next ``rounds`` self-training round(s) of the data root named by the profile.
 
     ``control`` (default: the profile's ``[round] control``) also runs each round's equal-compute
     control, ``oracle`` its oracle (phantoms only); both first catch up on the last finished round
     if it lacks them. ``force`` runs a round even when nothing changed since the previous one.
     ``overrides``: profile settings changed for this call (``{"student": {"init": "scratch"}}``).
+    After an interrupted call the same call continues it; ``resume`` finishes it as it was asked,
+    ``abandon`` starts this call instead; any other call is refused (``tasks.rounds.decide_call``).
     """
     settings = load_profile(profile, data_root, overrides)
     uri = tracking_uri or tracking.default_tracking_uri()
-    extra = [a for a, on in (("control", settings.round.control if control is None else control),
-                             ("oracle", oracle)) if on]
-    s = settings.data
-    # phantoms are generated only into the profile's own data root (the demo), never into a user's
-    synth = s.synth.model_dump() if s.synth and data_root is None else None
+    call = requested_call(profile, rounds, settings.round.control if control is None else control, oracle, force,
+                          overrides)
+    synth = settings.data.synth is not None and data_root is None
     # one run per data root at a time; one Ray for the whole call when the members fan out on it
-    with exclusive(settings.work_dir, create_root=synth is not None), cluster(settings.compute, uri):
+    with exclusive(settings.work_dir, create_root=synth), ExitStack() as held:
+        decided = decide_call(settings.work_dir, call, resume, abandon)
+        if decided != call:  # --resume: the interrupted call, with its own profile and settings
+            call = decided
+            settings = load_profile(call["profile"], data_root, call["overrides"] or None)
+        rounds, extra, force = call["rounds"], call["arms"], call["force"]
+        held.enter_context(cluster(settings.compute, uri))
+        s = settings.data
         recover_crashed(settings.work_dir, uri)
-        data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels, synth)
-        first = begin_invocation(settings.work_dir, rounds, extra)
+        # phantoms are generated only into the profile's own data root (the demo), never into a user's
+        data = prepare_data(s.root, s.n_folds, s.fold_seed, s.binarize_labels,
+                            s.synth.model_dump() if s.synth and data_root is None else None)
+        first = begin_invocation(settings.work_dir, call, abandon)
         results = []
         last = latest_finished_round(settings.work_dir)
         if first == last + 1:  # a new call: the last finished round gets the arms it lacks

@@ -29,10 +29,29 @@ from prefect.runtime import flow_run
 from data_catalog.scans import atomic_write
 from tasks import tracking
 
-__all__ = ["ARMS", "RoundPlan", "RunBusyError", "arm_dir", "begin_invocation", "close_round_run",
-           "end_invocation",
-           "exclusive", "latest_finished_round", "next_round", "open_round_run", "plan_round",
-           "read_state", "recover_crashed", "round_guard", "teacher_for", "write_state"]
+__all__ = [
+    "ARMS",
+    "CallConflict",
+    "RoundPlan",
+    "RunBusyError",
+    "arm_dir",
+    "begin_invocation",
+    "close_round_run",
+    "decide_call",
+    "describe_call",
+    "end_invocation",
+    "exclusive",
+    "latest_finished_round",
+    "next_round",
+    "open_round_run",
+    "plan_round",
+    "read_state",
+    "recover_crashed",
+    "requested_call",
+    "round_guard",
+    "teacher_for",
+    "write_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -155,21 +174,104 @@ def recover_crashed(work_dir: Path, tracking_uri: str) -> list[str]:
     return found
 
 
-@task(name="begin-invocation")
-def begin_invocation(work_dir: Path, rounds: int, arms: list[str]) -> int:
-    """The first round of this call. ``--rounds N`` means N rounds in all: the same command run
-    again after a crash continues the crashed call (its first round and N), so it completes the
-    rounds that call asked for and no more; any other call starts at the next round."""
+class CallConflict(ValueError):
+    """A call that differs from the interrupted call it would continue (one-line reason and the ways on)."""
+
+
+def requested_call(profile: str, rounds: int, control: bool, oracle: bool, force: bool,
+                   overrides: dict | None) -> dict:
+    """What one call of the flow asks for, as recorded beside its rounds (plain JSON data); ``arms``:
+    the sibling arms each round gets."""
+    arms = [a for a, on in (("control", control), ("oracle", oracle)) if on]
+    return {"profile": str(profile), "rounds": int(rounds), "arms": arms, "force": bool(force),
+            "overrides": json.loads(json.dumps(overrides or {}, sort_keys=True, default=str))}
+
+
+def describe_call(call: dict) -> str:
+    """The command line of a recorded call: ``viola run --profile demo --rounds 2 --control``."""
+    words = ["viola run", f"--profile {call['profile']}", f"--rounds {call['rounds']}"]
+    words += [f"--{a}" for a in call.get("arms", [])] + ["--force"] * bool(call.get("force"))
+
+    def flat(prefix: str, value) -> list[str]:
+        if isinstance(value, dict):
+            return [w for k, v in value.items() for w in flat(f"{prefix}{k}.", v)]
+        return [f"--set {prefix[:-1]}={json.dumps(value)}"]
+    return " ".join(words + flat("", call.get("overrides") or {}))
+
+
+def _interrupted(work_dir: Path) -> dict | None:
+    """The record of a call that started and never ended (None: none)."""
     path = Path(work_dir) / "invocation.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    same = previous.get("status") == "running" and previous.get("rounds") == rounds and previous.get("arms") == arms
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("status") != "running":
+        return None
+    if "call" not in record:  # written before calls were recorded whole: its rounds and arms
+        arms = record.get("arms", [])
+        record["call"] = requested_call("?", record.get("rounds", 1), "control" in arms, "oracle" in arms, False, None)
+    return record
+
+
+def _what(call: dict) -> dict:
+    """What a call computes: all of it but ``compute`` settings (where it runs, how often a task is
+    retried), which the same call may change when it is run again (e.g. without Ray after a crash)."""
+    return {**call, "overrides": {k: v for k, v in (call.get("overrides") or {}).items() if k != "compute"}}
+
+
+def _same(a: dict, b: dict) -> bool:
+    if "?" in (a["profile"], b["profile"]):  # a record from before calls were recorded whole
+        return all(a.get(k) == b.get(k) for k in ("rounds", "arms"))
+    return _what(a) == _what(b)
+
+
+def decide_call(work_dir: Path, call: dict, resume: bool = False, abandon: bool = False) -> dict:
+    """The call to run on ``work_dir`` (whose lock the caller holds): ``call``, or the interrupted call
+    it continues. The same command continues an interrupted call; ``resume`` continues it whatever
+    was asked (its own rounds, arms and settings); ``abandon`` leaves it and runs ``call`` from the next
+    round; any other call is a CallConflict naming the interrupted call and the two ways on."""
+    if resume and abandon:
+        raise CallConflict("--resume and --abandon exclude each other: finish the interrupted call, or start anew")
+    previous = _interrupted(work_dir)
+    if previous is None:
+        if resume:
+            raise CallConflict(f"--resume: no interrupted call on {Path(work_dir).parent} to resume")
+        return call
+    before = previous["call"]
+    if abandon or _same(before, call):
+        return call
+    if resume:
+        if before["profile"] == "?":
+            raise CallConflict(f"--resume: the interrupted call on {Path(work_dir).parent} was recorded without its "
+                               "profile and settings; run its command again, or --abandon it")
+        return before
+    first, started = previous["first_round"], previous.get("started")
+    raise CallConflict(f"{Path(work_dir).parent}: the call '{describe_call(before)}' (started {started}, rounds "
+                       f"{first}..{first + before['rounds'] - 1}) was interrupted; run it again or add --resume to "
+                       "finish it as it was, or add --abandon to start this call instead")
+
+
+@task(name="begin-invocation")
+def begin_invocation(work_dir: Path, call: dict, abandon: bool = False) -> int:
+    """The first round of this call (from ``decide_call``). ``--rounds N`` means N rounds in all: the
+    interrupted call continued runs from its own first round, so it completes the rounds that call
+    asked for and no more; a new call (or one that abandons the interrupted call) starts at the next
+    round. The record holds the call's arguments."""
+    path = Path(work_dir) / "invocation.json"
+    previous = _interrupted(work_dir)
+    same = previous is not None and not abandon and _same(previous["call"], call)
+    if previous is not None and not same and not abandon:
+        decide_call(work_dir, call)  # raises the CallConflict
     first = previous["first_round"] if same else next_round(Path(work_dir))
-    record = {"first_round": first, "rounds": rounds, "arms": arms, "status": "running",
-              "started": previous.get("started") if same else _now(), "flow_run_id": flow_run.get_id() or ""}
+    record = {"call": call, "command": describe_call(call), "first_round": first, "rounds": call["rounds"],
+              "arms": call["arms"], "status": "running", "started": previous.get("started") if same else _now(),
+              "flow_run_id": flow_run.get_id() or ""}
     text = json.dumps(record, indent=1)
     atomic_write(path, lambda tmp: tmp.write_text(text))
     if same:
-        log.info("continuing the interrupted call for rounds %d..%d", first, first + rounds - 1)
+        log.info("continuing the interrupted call '%s' for rounds %d..%d", describe_call(call), first,
+                 first + call["rounds"] - 1)
+    elif previous is not None:
+        log.warning("abandoned the interrupted call '%s'; this call runs rounds %d..%d",
+                    describe_call(previous["call"]), first, first + call["rounds"] - 1)
     return first
 
 

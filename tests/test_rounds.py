@@ -3,6 +3,8 @@ flows.profiles: the settings behind it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flows.profiles import ProfileError, load_profile, parse_overrides
@@ -114,20 +116,73 @@ def test_one_run_per_data_root_and_a_dead_holder_frees_it(tmp_path):
             time.sleep(0.1)
 
 
+def _call(rounds=1, control=False, oracle=False, force=False, overrides=None, profile="demo"):
+    from tasks.rounds import requested_call
+
+    return requested_call(profile, rounds, control, oracle, force, overrides)
+
+
 def test_rounds_n_means_n_rounds_in_all_counting_the_resumed_one(tmp_path):
     from tasks.rounds import begin_invocation, end_invocation
 
     work = tmp_path / "work"
-    assert begin_invocation.fn(work, 2, []) == 0  # `--rounds 2` on a new root: rounds 0 and 1
+    assert begin_invocation.fn(work, _call(2)) == 0  # `--rounds 2` on a new root: rounds 0 and 1
     _finish(work, 0)
     write_state(arm_dir(work, 1), {"status": "running"})  # ... and it died in round 1
-    assert begin_invocation.fn(work, 2, []) == 0  # the same command continues it: round 1 only remains
+    assert begin_invocation.fn(work, _call(2)) == 0  # the same command continues it: round 1 only remains
     end_invocation.fn(work)
     _finish(work, 1)
-    assert begin_invocation.fn(work, 2, []) == 2  # a new call after a finished one: the next rounds
+    assert begin_invocation.fn(work, _call(2)) == 2  # a new call after a finished one: the next rounds
     end_invocation.fn(work)
-    write_state(arm_dir(work, 2), {"status": "running"})
-    assert begin_invocation.fn(work, 1, ["control"]) == 2  # another command after a crash: starts at the resumed
+
+
+def test_one_call_is_one_call_a_different_command_after_a_crash_is_refused(tmp_path):
+    from tasks.rounds import CallConflict, begin_invocation, decide_call, end_invocation
+
+    work = tmp_path / "work"
+    _finish(work, 0)
+    crashed = _call(1, control=True, force=True, overrides={"train": {"max_steps": 50}})
+    assert begin_invocation.fn(work, crashed) == 1
+    write_state(arm_dir(work, 1), {"status": "running"})  # it died in round 1
+    record = json.loads((work / "invocation.json").read_text())
+    assert record["call"] == crashed and record["command"] == (
+        "viola run --profile demo --rounds 1 --control --force --set train.max_steps=50")
+
+    other = _call(2, control=True, oracle=True)
+    with pytest.raises(CallConflict) as err:
+        decide_call(work, other)
+    msg = str(err.value)
+    assert "\n" not in msg and "'viola run --profile demo --rounds 1 --control --force --set train.max_steps=50'" in msg
+    assert "rounds 1..1" in msg and "--resume" in msg and "--abandon" in msg
+    with pytest.raises(CallConflict):  # the flow's own check, under the data root's lock
+        begin_invocation.fn(work, other)
+    assert json.loads((work / "invocation.json").read_text())["call"] == crashed  # the record is untouched
+
+    assert decide_call(work, dict(crashed)) == crashed  # the same command continues it
+    assert decide_call(work, other, resume=True) == crashed  # --resume: the interrupted call as it was asked
+    assert decide_call(work, other, abandon=True) == other  # --abandon: the new call, from the next round
+    assert begin_invocation.fn(work, other, abandon=True) == 1
+    assert json.loads((work / "invocation.json").read_text())["call"] == other
+    end_invocation.fn(work)
+    with pytest.raises(CallConflict, match="no interrupted call"):
+        decide_call(work, other, resume=True)
+    with pytest.raises(CallConflict, match="exclude each other"):
+        decide_call(work, other, resume=True, abandon=True)
+    assert decide_call(work, _call(3)) == _call(3)  # nothing interrupted: any call runs
+
+
+def test_an_interrupted_call_recorded_without_its_arguments_continues_by_rounds_and_arms(tmp_path):
+    from tasks.rounds import CallConflict, begin_invocation, decide_call
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "invocation.json").write_text(json.dumps({"first_round": 0, "rounds": 2, "arms": ["control"],
+                                                      "status": "running", "started": "then"}))
+    assert begin_invocation.fn(work, _call(2, control=True, profile="tiny")) == 0
+    (work / "invocation.json").write_text(json.dumps({"first_round": 0, "rounds": 2, "arms": [],
+                                                      "status": "running", "started": "then"}))
+    with pytest.raises(CallConflict, match="recorded without its profile"):
+        decide_call(work, _call(1), resume=True)
 
 
 def test_the_round_guard_keeps_the_teacher_when_validation_falls(tmp_path):
@@ -154,3 +209,35 @@ def test_the_round_guard_keeps_the_teacher_when_validation_falls(tmp_path):
     assert round_guard(1, 0.5, 0, None)["teaches"] is True and "no validation Dice" in round_guard(1, 0.5, 0, None)[
         "guard"]
     assert round_guard(1, float("nan"), 0, 0.6)["teaches"] is True
+
+
+def test_viola_run_refuses_a_different_command_after_a_crash_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from data_catalog.phantoms import write_phantom_dataset
+    from flows.cli import app
+    from tasks.rounds import begin_invocation
+
+    root = tmp_path / "data"
+    write_phantom_dataset(root, labelled=4, unlabelled=1, test=1, seed=7, size="small")
+    work = root / "viola_work"
+    begin_invocation.fn(work, _call(1, control=True, force=True, profile="tiny"))  # ... and then the call died
+    res = CliRunner().invoke(app, ["run", "--profile", "tiny", "--data", str(root), "--rounds", "2", "--oracle",
+                                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert res.exit_code == 2, res.output  # refused before Prefect starts
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {root}: the call 'viola run --profile tiny --rounds 1 --control --force' (started ")
+    assert last.endswith("add --abandon to start this call instead") and "Traceback" not in res.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_same_call_may_run_elsewhere_when_continued(tmp_path):
+    """``--set compute.*`` says where a call runs and how often a task is retried, not what it computes."""
+    from tasks.rounds import CallConflict, begin_invocation, decide_call
+
+    work = tmp_path / "work"
+    begin_invocation.fn(work, _call(1, overrides={"compute": {"runner": "ray"}, "train": {"max_steps": 9}}))
+    again = _call(1, overrides={"train": {"max_steps": 9}})
+    assert decide_call(work, again) == again and begin_invocation.fn(work, again) == 0
+    with pytest.raises(CallConflict):
+        decide_call(work, _call(1, overrides={"train": {"max_steps": 10}}))
