@@ -83,9 +83,11 @@ def _branch(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
 
-    def skip(folder: str, names: list[str]) -> list[str]:  # round 0 only, and no record of a call in progress
+    own = ("invocation.json", ".run.lock", ".run.owner", "prefect")  # a call in progress, its Prefect database
+
+    def skip(folder: str, names: list[str]) -> list[str]:  # round 0 only
         return [n for n in names if (Path(folder).name == "rounds" and n != "round_000")
-                or (Path(folder).name == "viola_work" and n in ("invocation.json", ".run.lock", ".run.owner"))]
+                or (Path(folder).name == "viola_work" and n in own)]
 
     shutil.copytree(src, tmp, ignore=skip, copy_function=os.link)
     tmp.rename(dst)
