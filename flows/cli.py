@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from contextlib import ExitStack
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +75,55 @@ def _isolate_prefect(root: Path | None) -> None:
     folder = root / "viola_work" / "prefect"
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
+
+
+STOP_WITHIN_S = 30.0  # a stopped run that cannot end in time (an API it waits for died with it) exits anyway
+
+
+@contextmanager
+def _stops_on_signals(interrupted: threading.Event, record: Path) -> Iterator[dict]:
+    """SIGTERM (a scheduler's, Kubernetes' or systemd's stop) ends the block as Ctrl-C (SIGINT) does.
+    During a flow Prefect's own SIGTERM handler raises its TerminationSignal in the main thread (the
+    flow run is marked crashed); outside one, ours raises KeyboardInterrupt. Whichever handler runs,
+    the signal also reaches a watcher thread (``signal.set_wakeup_fd``) that sets ``interrupted`` and
+    arms a deadline: a run that has not ended ``STOP_WITHIN_S`` later (Prefect retrying an API that died
+    with the same signal) stops what it started, by PID, removes ``record`` (the list of them), and exits."""
+    from tasks.processes import descendants, stop_processes
+
+    stopped_by: dict = {}
+
+    def give_up(signum: int) -> None:
+        stop_processes(descendants(os.getpid()), grace_s=3.0)
+        record.unlink(missing_ok=True)
+        sys.stderr.write(f"error: stopped by {signal.Signals(signum).name}; did not end within "
+                         f"{STOP_WITHIN_S:.0f} s, exiting (the same command continues this call)\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def watch(fd: int) -> None:
+        while data := os.read(fd, 64):
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT) and "signal" not in stopped_by:
+                    stopped_by["signal"] = signum
+                    interrupted.set()
+                    deadline = threading.Timer(STOP_WITHIN_S, give_up, args=(signum,))
+                    deadline.daemon = True  # a run that ends in time is not kept waiting for it
+                    deadline.start()
+
+    def on_term(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    previous = signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=watch, args=(read_end,), name="watch-signals", daemon=True).start()
+    try:
+        yield stopped_by
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_end)  # the watcher reads the end of the pipe and returns
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -166,6 +218,7 @@ def run(
     from data_catalog.catalog import discover
     from flows.profiles import ProfileError, load_profile, parse_overrides
     from tasks.compute import ClusterError, check_reachable
+    from tasks.processes import RECORD, recorded_children, stop_leftovers
     from tasks.rounds import CallConflict, RunBusyError, decide_call, exclusive, requested_call
     from tasks.tracking import TrackingUnavailable, default_tracking_uri
 
@@ -180,19 +233,35 @@ def run(
                         os.environ.get("PREFECT_API_URL"))
         # the data root is this process's until it exits (the flow takes the same lock again)
         held.enter_context(exclusive(settings.work_dir, create_root=not user_root))
+        if left := stop_leftovers(settings.work_dir):  # what a run killed with -9 left running
+            typer.echo(left, err=True)
         decide_call(settings.work_dir, requested_call(profile, rounds, settings.round.control if control is None
                                                       else control, oracle, force, overrides), resume, abandon)
     except (ProfileError, FileNotFoundError, RunBusyError, ClusterError, CallConflict) as e:
+        held.close()
         _fail(str(e))
+    from prefect.exceptions import TerminationSignal
+
     from flows.self_training import self_training
 
+    stopped = 0
     with held:
+        interrupted = held.enter_context(recorded_children(settings.work_dir))
         try:
-            results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
-                                    tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
-                                    overrides=overrides or None, resume=resume, abandon=abandon)
+            with _stops_on_signals(interrupted, settings.work_dir / RECORD) as stopped_by:
+                results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
+                                        tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
+                                        overrides=overrides or None, resume=resume, abandon=abandon)
         except (*_KNOWN, RunBusyError, TrackingUnavailable, ClusterError) as e:
             _fail(str(e), code=1)
+        except (KeyboardInterrupt, TerminationSignal):
+            interrupted.set()  # leaving the block stops what the run started and frees the data root
+            stopped = stopped_by.get("signal", signal.SIGINT)
+    if stopped:  # exit now: worker threads still training must not hold the process
+        sys.stdout.flush()
+        sys.stderr.write(f"error: stopped by {signal.Signals(stopped).name}; the same command continues this call\n")
+        sys.stderr.flush()
+        os._exit(128 + stopped)
     for res in results:
         typer.echo(res["summary"])
     from flows.self_training import compare_arms
