@@ -112,7 +112,7 @@ def test_kill_9_anywhere_then_the_same_command_completes_identically(reference, 
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert not (root / ROUNDS / "round_002").exists()  # --rounds 2: two rounds in all, resumed ones included
     assert _outcome(root, store) == reference
-    db = sqlite3.connect(tmp_path / "prefect" / "prefect.db")
+    db = sqlite3.connect(root / "viola_work" / "prefect" / "prefect.db")  # viola run keeps it beside the data
     states = {point: db.execute("select state_type from flow_run where id in (?, ?)",
                                 (flow, flow.replace("-", ""))).fetchone() for point, flow in killed_flows.items()}
     assert all(s is not None and s[0] == "CRASHED" for s in states.values()), states
