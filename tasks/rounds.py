@@ -256,10 +256,9 @@ def begin_invocation(work_dir: Path, call: dict, abandon: bool = False) -> int:
     asked for and no more; a new call (or one that abandons the interrupted call) starts at the next
     round. The record holds the call's arguments."""
     path = Path(work_dir) / "invocation.json"
+    decide_call(work_dir, call, abandon=abandon)  # a different call than the interrupted one: CallConflict
     previous = _interrupted(work_dir)
-    same = previous is not None and not abandon and _same(previous["call"], call)
-    if previous is not None and not same and not abandon:
-        decide_call(work_dir, call)  # raises the CallConflict
+    same = previous is not None and not abandon
     first = previous["first_round"] if same else next_round(Path(work_dir))
     record = {"call": call, "command": describe_call(call), "first_round": first, "rounds": call["rounds"],
               "arms": call["arms"], "status": "running", "started": previous.get("started") if same else _now(),
