@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from urllib.parse import urlparse
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.progress import LEVEL_ENV, PROJECT_LOGGERS
 
 __all__ = ["ClusterError", "ComputeSettings", "check_cluster", "check_reachable", "cluster", "member_options",
            "task_runner", "worker_device"]
@@ -117,10 +120,18 @@ def check_reachable(compute: ComputeSettings, tracking_uri: str, api_url: str | 
                            "to its address")
 
 
+# Ray folds lines that differ only in their numbers into one "[repeated 5x across cluster]": a
+# member's steps and a share's scans are exactly such lines, and each must reach the terminal
+_RAY_ENV = {"RAY_DEDUP_LOGS_ALLOW_REGEX": r"step \d+|\d+/\d+ scans"}
+
+
 def _ray_init_kwargs(api: str | None) -> dict:
-    # the workers report their task runs to this run's Prefect API, not to one of their own
+    # the workers report their task runs to this run's Prefect API, not to one of their own, and
+    # log at the driver's level: their lines (a member's steps and time left) are forwarded to it
+    level = logging.getLevelName(logging.getLogger(PROJECT_LOGGERS[0]).getEffectiveLevel())
+    env = {LEVEL_ENV: level, **({"PREFECT_API_URL": api} if api else {})}
     return {"include_dashboard": False, "log_to_driver": True, "namespace": "prefect",
-            "runtime_env": {"env_vars": {"PREFECT_API_URL": api}} if api else {}}
+            "runtime_env": {"env_vars": env, "worker_process_setup_hook": "tasks.progress.worker_logging"}}
 
 
 @contextlib.contextmanager
@@ -131,6 +142,8 @@ def cluster(compute: ComputeSettings, tracking_uri: str) -> Iterator[None]:
     if compute.runner != "ray":
         yield
         return
+    for key, value in _RAY_ENV.items():  # read when ray is first imported
+        os.environ.setdefault(key, value)
     try:
         import ray
     except ImportError:

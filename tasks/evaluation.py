@@ -12,6 +12,7 @@ from prefect import task
 from data_catalog.scans import atomic_write
 from tasks import tracking
 from tasks.compute import worker_device
+from tasks.progress import progress
 from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.evaluation import evaluate_scans, means_of
@@ -25,8 +26,9 @@ def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap
                 inference: InferenceSettings | None = None) -> list[dict]:
     """Score the ensemble on a share of the test scans on this worker; the per-scan rows, untracked."""
     ensemble = load_ensemble(Path(ensemble_dir), device=worker_device(device, threads), inference=inference)
-    table, _ = evaluate_scans(ensemble, scans, cache_dir=Path(cache), overlap=overlap, tta=tta,
-                              nsd_tolerance_mm=nsd_tolerance_mm)
+    with progress("score", len(scans), log, unit="scans") as bar:
+        table, _ = evaluate_scans(ensemble, scans, cache_dir=Path(cache), overlap=overlap, tta=tta,
+                                  nsd_tolerance_mm=nsd_tolerance_mm, on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
     return table.to_dict("records")
 
 
@@ -55,9 +57,11 @@ def evaluate_round(
         return {}
     t0 = time.perf_counter()
     if rows is None:
-        table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device, inference=inference), scans,
-                                      cache_dir=Path(cache),
-                                      overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm)
+        with progress("score", len(scans), log, unit="scans") as bar:
+            table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device, inference=inference), scans,
+                                          cache_dir=Path(cache), overlap=overlap, tta=tta,
+                                          nsd_tolerance_mm=nsd_tolerance_mm,
+                                          on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
     else:  # scored side by side (score_chunk): the same table, in the same order
         table = pd.DataFrame(rows).sort_values("scan_id", kind="stable").reset_index(drop=True)
         means = means_of(table)

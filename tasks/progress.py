@@ -19,7 +19,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["Progress", "format_seconds", "interactive", "progress"]
+__all__ = ["PROJECT_LOGGERS", "Progress", "format_seconds", "interactive", "progress", "worker_logging"]
+
+PROJECT_LOGGERS = ("viola_models", "data_catalog", "tasks", "flows")
+LEVEL_ENV = "VIOLA_LOG_LEVEL"  # the driver's level, handed to the processes that run its tasks
 
 _LOG_EVERY_S = 30.0  # a log line at most this often (and at the first and last item)
 _bar_lock = threading.Lock()
@@ -32,6 +35,16 @@ def interactive() -> bool:
     if choice in ("bar", "log"):
         return choice == "bar"
     return sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"
+
+
+def worker_logging() -> None:
+    """In a process that runs tasks for a driver (Ray's ``worker_process_setup_hook``): the
+    project's loggers at the driver's level (``VIOLA_LOG_LEVEL``, default INFO), so that a member's
+    steps, loss and time left reach the driver's terminal through Ray's log forwarding, as they do
+    when the member trains in the driver. Without it a worker keeps Python's default, WARNING."""
+    level = os.environ.get(LEVEL_ENV, "INFO").upper()
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
 
 
 def format_seconds(seconds: float) -> str:

@@ -363,3 +363,66 @@ def test_viola_run_refuses_a_remote_cluster_without_a_tracking_server_in_one_lin
     assert res.output.strip().splitlines()[-1].startswith("error: a remote Ray cluster (ray://head.example:10001) "
                                                           "cannot write to sqlite:///")
     assert "Traceback" not in res.output
+
+
+def _in_a_terminal(cmd: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str]:
+    """Run ``cmd`` with a pseudo-terminal (200 columns) as its stdout and stderr; its exit code and output."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "TERM": "xterm"}, stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the last writer is gone
+            while data := os.read(master, 65536):
+                chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=30)
+    os.close(master)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_members_on_ray_report_their_steps_to_the_terminal(tmp_path):
+    """`viola run` in a terminal with members on Ray: every member's steps, loss and time left, and
+    every share of the test scans, reach the driver's terminal (Ray forwards the workers' lines and
+    folds none of them into "[repeated ...]"); the same lines as in a plain log."""
+    pytest.importorskip("prefect_ray")
+    import sys
+
+    root, store, home = _phantoms(tmp_path / "data"), tmp_path / "mlflow.db", tmp_path / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_PROFILES_PATH", "VIOLA_PROGRESS",
+                "RAY_DEDUP_LOGS", "RAY_DEDUP_LOGS_ALLOW_REGEX"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--data", str(root), "--rounds", "1",
+           "--tracking-uri", f"sqlite:///{store}", "--set", "compute.runner=ray", "--set", "compute.torch_threads=1"]
+    try:
+        code, out = _in_a_terminal(cmd, Path(__file__).resolve().parents[1], env, timeout=900)
+    finally:
+        for pid in _ours(home):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)  # colours and cursor moves
+    assert code == 0, text[-3000:]
+    for member in ("viola_tiny-fold0", "nnunet_tiny-fold0"):
+        steps = re.findall(rf"\(train-member pid=\d+\).*{member}: step (\d+)/12 loss \d\.\d+ .*min left", text)
+        assert steps == ["4", "8", "12"], (member, text[-3000:])
+    scored = re.findall(r"\(score-scans pid=\d+\).*score: (\d)/(\d) scans", text)
+    assert sorted(scored) == [("1", "1"), ("1", "1")], text[-3000:]
+    assert "repeated" not in text
