@@ -24,6 +24,9 @@ _ENV_DEFAULTS = {
     # the ephemeral API starts in 10-17 s on 2 cores; Prefect's default 20 s is too tight
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "viola_models,data_catalog,tasks,flows",
+    # a line logged outside a flow run (`viola serve` freeing what a killed server left) goes to the
+    # terminal only, without Prefect's warning that it could not reach the API
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 
@@ -192,6 +195,26 @@ def show_catalog(data_root: Path) -> None:
     typer.echo(catalog.describe(data_root))
 
 
+def _mark_stopped(work_dir: Path, tracking_uri: str | None, signal_name: str) -> None:
+    """The stopped call's MLflow runs set KILLED, in a thread given a few seconds: a store that
+    died with the same signal (a served one) must not hold the exit."""
+    from tasks import tracking
+    from tasks.rounds import mark_stopped
+
+    def mark() -> None:
+        try:
+            n = mark_stopped(work_dir, tracking_uri or tracking.default_tracking_uri(), signal_name)
+            if n:
+                sys.stderr.write(f"{n} MLflow run(s) of this call marked KILLED\n")
+        except Exception as e:  # the store is gone: the next call marks them (recover_crashed)
+            sys.stderr.write(f"MLflow runs of this call not marked KILLED ({type(e).__name__}); the next call "
+                             "marks them\n")
+
+    marker = threading.Thread(target=mark, name="mark-stopped", daemon=True)
+    marker.start()
+    marker.join(timeout=10)
+
+
 @app.command()
 def run(
     profile: Annotated[str, typer.Option(help="tiny, demo, paper, or the path of a profile .toml")] = "demo",
@@ -258,6 +281,7 @@ def run(
             interrupted.set()  # leaving the block stops what the run started and frees the data root
             stopped = stopped_by.get("signal", signal.SIGINT)
     if stopped:  # exit now: worker threads still training must not hold the process
+        _mark_stopped(settings.work_dir, tracking_uri, signal.Signals(stopped).name)
         sys.stdout.flush()
         sys.stderr.write(f"error: stopped by {signal.Signals(stopped).name}; the same command continues this call\n")
         sys.stderr.flush()

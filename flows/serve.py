@@ -10,6 +10,7 @@ from prefect.events import DeploymentEventTrigger
 from flows.profiles import load_profile
 from flows.self_training import self_training
 from flows.watch import NEW_SCANS_EVENT, watch_unlabelled
+from tasks.rounds import crash_abandoned_runs
 
 
 def build_deployments(profile: str, data_root: str | None, cron: str | None = None,
@@ -45,5 +46,7 @@ def build_deployments(profile: str, data_root: str | None, cron: str | None = No
 
 def serve_deployments(profile: str, data_root: str | None, cron: str | None = None,
                       tracking_uri: str | None = None) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM)."""
+    """Serve until interrupted (SIGINT/SIGTERM); first free what a killed server left running."""
+    settings = load_profile(profile, data_root)
+    crash_abandoned_runs(settings.work_dir, "self-training/round", str(settings.data.root))
     serve(*build_deployments(profile, data_root, cron, tracking_uri))

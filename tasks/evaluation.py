@@ -28,7 +28,8 @@ def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap
     ensemble = load_ensemble(Path(ensemble_dir), device=worker_device(device, threads), inference=inference)
     with progress("score", len(scans), log, unit="scans") as bar:
         table, _ = evaluate_scans(ensemble, scans, cache_dir=Path(cache), overlap=overlap, tta=tta,
-                                  nsd_tolerance_mm=nsd_tolerance_mm, on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
+                                  nsd_tolerance_mm=nsd_tolerance_mm,
+                                  on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
     return table.to_dict("records")
 
 

@@ -37,11 +37,13 @@ __all__ = [
     "arm_dir",
     "begin_invocation",
     "close_round_run",
+    "crash_abandoned_runs",
     "decide_call",
     "describe_call",
     "end_invocation",
     "exclusive",
     "latest_finished_round",
+    "mark_stopped",
     "next_round",
     "open_round_run",
     "plan_round",
@@ -161,16 +163,87 @@ def recover_crashed(work_dir: Path, tracking_uri: str) -> list[str]:
                 log.info("flow run %s of %s not marked crashed (%s)", dead_flow, state_file.parent.name,
                          type(e).__name__)
         client = client or tracking.client_for(tracking_uri)
-        run_id = state.get("run_id")
-        if tracking.run_exists(client, run_id):
-            children = client.search_runs([state["experiment_id"]], f"tags.`mlflow.parentRunId` = '{run_id}' and "
-                                          "attributes.status = 'RUNNING'") if state.get("experiment_id") else []
-            for run in [client.get_run(run_id), *children]:
-                if run.info.status == "RUNNING":
-                    tracking.set_tags(client, run.info.run_id, {"viola.crashed": f"found at {_now()}"})
-                    client.set_terminated(run.info.run_id, "FAILED")
+        _end_mlflow_runs(client, state, "FAILED", {"viola.crashed": f"found at {_now()}"})
         log.warning("%s was left running by a process that died: marked crashed, and resumed now",
                     state_file.parent.name)
+    return found
+
+
+def _end_mlflow_runs(client, state: dict, status: str, tags: dict) -> int:
+    """An arm's MLflow run and its members' runs still RUNNING set to ``status``; how many."""
+    run_id = state.get("run_id")
+    if not tracking.run_exists(client, run_id):
+        return 0
+    children = client.search_runs([state["experiment_id"]], f"tags.`mlflow.parentRunId` = '{run_id}' and "
+                                  "attributes.status = 'RUNNING'") if state.get("experiment_id") else []
+    ended = 0
+    for run in [client.get_run(run_id), *children]:
+        if run.info.status == "RUNNING":
+            tracking.set_tags(client, run.info.run_id, tags)
+            client.set_terminated(run.info.run_id, status)
+            ended += 1
+    return ended
+
+
+def mark_stopped(work_dir: Path, tracking_uri: str, signal_name: str) -> int:
+    """After a run was stopped by a signal (its data root released): the MLflow runs of the arms it
+    left running are set KILLED, so that the UI does not show them running until the next call. The
+    arms stay "running" in their state, which the same command continues. Returns how many runs."""
+    ended = 0
+    with exclusive(work_dir):
+        client = None
+        for state_file in sorted((Path(work_dir) / "rounds").glob("*/state.json")):
+            state = json.loads(state_file.read_text())
+            if state.get("status") == "running":
+                client = client or tracking.client_for(tracking_uri)
+                ended += _end_mlflow_runs(client, state, "KILLED", {"viola.stopped": f"{signal_name} at {_now()}"})
+    return ended
+
+
+def crash_abandoned_runs(work_dir: Path, deployment: str, data_root: str) -> list[str]:
+    """Before serving: the flow runs of ``deployment`` ("flow/name") for ``data_root`` that a killed
+    server left RUNNING (or CANCELLING) are set Crashed. Such a run holds the deployment's one
+    concurrency slot, and every later run, scheduled or triggered, would wait for it forever. Done
+    only while this process can hold the data root (no round of it runs anywhere); returns the
+    runs' names. The next round finds the round they left and continues it (``recover_crashed``)."""
+    try:
+        with exclusive(work_dir):
+            return _crash_running(deployment, data_root)
+    except RunBusyError as e:
+        log.info("abandoned flow runs not looked for: %s", e)
+        return []
+
+
+def _crash_running(deployment: str, data_root: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    flow_name, _, name = deployment.partition("/")
+    found = []
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.CANCELLING]))))
+        for run in runs:
+            if str((run.parameters or {}).get("data_root")) != str(data_root):
+                continue
+            prefect.set_flow_run_state(run.id, Crashed(
+                message="left running by a server that was killed; found when `viola serve` started"), force=True)
+            found.append(run.name)
+            log.warning("flow run %s of %s was left running by a server that was killed: marked crashed (the next "
+                        "run continues its round)", run.name, deployment)
     return found
 
 
