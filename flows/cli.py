@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -84,13 +84,15 @@ STOP_WITHIN_S = 30.0  # a stopped run that cannot end in time (an API it waits f
 
 
 @contextmanager
-def _stops_on_signals(interrupted: threading.Event, record: Path) -> Iterator[dict]:
+def _stops_on_signals(interrupted: threading.Event, record: Path,
+                      on_give_up: Callable[[str], None] | None = None) -> Iterator[dict]:
     """SIGTERM (a scheduler's, Kubernetes' or systemd's stop) ends the block as Ctrl-C (SIGINT) does.
     During a flow Prefect's own SIGTERM handler raises its TerminationSignal in the main thread (the
     flow run is marked crashed); outside one, ours raises KeyboardInterrupt. Whichever handler runs,
     the signal also reaches a watcher thread (``signal.set_wakeup_fd``) that sets ``interrupted`` and
     arms a deadline: a run that has not ended ``STOP_WITHIN_S`` later (Prefect retrying an API that died
-    with the same signal) stops what it started, by PID, removes ``record`` (the list of them), and exits."""
+    with the same signal) stops what it started, by PID, removes ``record`` (the list of them), calls
+    ``on_give_up(signal name)`` and exits."""
     from tasks.processes import descendants, stop_processes
 
     stopped_by: dict = {}
@@ -98,6 +100,8 @@ def _stops_on_signals(interrupted: threading.Event, record: Path) -> Iterator[di
     def give_up(signum: int) -> None:
         stop_processes(descendants(os.getpid()), grace_s=3.0)
         record.unlink(missing_ok=True)
+        if on_give_up is not None:
+            on_give_up(signal.Signals(signum).name)
         sys.stderr.write(f"error: stopped by {signal.Signals(signum).name}; did not end within "
                          f"{STOP_WITHIN_S:.0f} s, exiting (the same command continues this call)\n")
         sys.stderr.flush()
@@ -195,15 +199,16 @@ def show_catalog(data_root: Path) -> None:
     typer.echo(catalog.describe(data_root))
 
 
-def _mark_stopped(work_dir: Path, tracking_uri: str | None, signal_name: str) -> None:
+def _mark_stopped(work_dir: Path, tracking_uri: str | None, signal_name: str, held: bool = False) -> None:
     """The stopped call's MLflow runs set KILLED, in a thread given a few seconds: a store that
-    died with the same signal (a served one) must not hold the exit."""
+    died with the same signal (a served one) must not hold the exit. ``held``: this process still
+    holds the data root (the run did not end in time)."""
     from tasks import tracking
     from tasks.rounds import mark_stopped
 
     def mark() -> None:
         try:
-            n = mark_stopped(work_dir, tracking_uri or tracking.default_tracking_uri(), signal_name)
+            n = mark_stopped(work_dir, tracking_uri or tracking.default_tracking_uri(), signal_name, held)
             if n:
                 sys.stderr.write(f"{n} MLflow run(s) of this call marked KILLED\n")
         except Exception as e:  # the store is gone: the next call marks them (recover_crashed)
@@ -271,7 +276,9 @@ def run(
     with held:
         interrupted = held.enter_context(recorded_children(settings.work_dir))
         try:
-            with _stops_on_signals(interrupted, settings.work_dir / RECORD) as stopped_by:
+            with _stops_on_signals(interrupted, settings.work_dir / RECORD,
+                                   lambda name: _mark_stopped(settings.work_dir, tracking_uri, name, held=True)
+                                   ) as stopped_by:
                 results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
                                         tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
                                         overrides=overrides or None, resume=resume, abandon=abandon)

@@ -10,6 +10,7 @@ how far it got; a rerun resumes the first unfinished self-training round.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -185,12 +186,13 @@ def _end_mlflow_runs(client, state: dict, status: str, tags: dict) -> int:
     return ended
 
 
-def mark_stopped(work_dir: Path, tracking_uri: str, signal_name: str) -> int:
-    """After a run was stopped by a signal (its data root released): the MLflow runs of the arms it
-    left running are set KILLED, so that the UI does not show them running until the next call. The
-    arms stay "running" in their state, which the same command continues. Returns how many runs."""
+def mark_stopped(work_dir: Path, tracking_uri: str, signal_name: str, held: bool = False) -> int:
+    """After a run was stopped by a signal: the MLflow runs of the arms it left running are set
+    KILLED, so that the UI does not show them running until the next call. The arms stay "running"
+    in their state, which the same command continues. ``held``: the caller still holds the data root
+    (else it is taken here). Returns how many runs."""
     ended = 0
-    with exclusive(work_dir):
+    with contextlib.nullcontext() if held else exclusive(work_dir):
         client = None
         for state_file in sorted((Path(work_dir) / "rounds").glob("*/state.json")):
             state = json.loads(state_file.read_text())
