@@ -59,6 +59,34 @@ def test_deep_supervision_loss_weights_heads():
     assert deep_supervision_loss(out[:, 0], label, loss_fn).item() == pytest.approx(4.0)
 
 
+def test_deep_supervision_loss_is_the_hand_written_weighting_on_a_real_loss():
+    """MONAI's DeepSupervisionLoss with the explicit weights gives what the earlier hand-written sum
+    gave: (L0 + L1/2 + L2/4) / 1.75 with the real Dice + focal loss, on a hand-made batch."""
+    from monai.losses import DiceFocalLoss
+
+    gen = torch.Generator().manual_seed(3)
+    out = torch.randn(2, 3, 1, 8, 8, 4, generator=gen)
+    label = (torch.rand(2, 1, 8, 8, 4, generator=gen) > 0.7).float()
+    loss_fn = DiceFocalLoss(sigmoid=True)
+    by_hand = sum(w * loss_fn(out[:, i], label) for i, w in enumerate((1.0, 0.5, 0.25))) / 1.75
+    assert deep_supervision_loss(out, label, loss_fn).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert deep_supervision_loss(out[:, 0], label, loss_fn).item() == pytest.approx(loss_fn(out[:, 0], label).item())
+
+
+def test_schedule_against_monai_warmup_cosine():
+    """Why lr_at is not MONAI's WarmupCosineSchedule: the same cosine after the warm-up, but MONAI's
+    warm-up starts at lr 0 and its cosine rises again past t_total, where lr_at stays at 0."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    s = TrainSettings(lr=1e-2, warmup_steps=10, max_steps=100)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.lr)
+    monai = WarmupCosineSchedule(opt, warmup_steps=s.warmup_steps, t_total=s.max_steps)
+    at = [s.lr * monai.lr_lambdas[0](step) for step in range(130)]
+    assert all(lr_at(step, s) == pytest.approx(at[step], abs=1e-12) for step in range(10, 101))
+    assert at[0] == 0.0 and lr_at(0, s) == pytest.approx(1e-3)  # the first step learns with lr_at
+    assert at[120] > 0.0 and lr_at(120, s) == 0.0
+
+
 def test_fit_writes_a_loadable_best_checkpoint_and_logs(cases, tmp_path):
     logged, validations = [], []
     cb = TrainCallbacks(on_log=lambda s, m: logged.append((s, m)), on_validation=lambda s, d, b: validations.append(s))

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.losses import DiceFocalLoss, FocalLoss, MaskedDiceLoss
+from monai.losses import DeepSupervisionLoss, DiceFocalLoss, FocalLoss, MaskedDiceLoss
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
@@ -182,7 +182,12 @@ class FitResult:
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine annealing to 0 at ``max_steps``."""
+    """Linear warm-up over ``warmup_steps``, then cosine annealing to 0 at ``max_steps``.
+
+    Not MONAI's ``WarmupCosineSchedule``, which gives the same values after the warm-up but not
+    during it: its warm-up starts at lr 0 (step 0 learns nothing; ours is lr / warmup_steps, as in
+    the authors' code), and past ``t_total`` its cosine rises again where ours stays at 0 (a
+    fine-tune continued beyond its steps). ``tests/test_training.py`` shows both."""
     if settings.warmup_steps > 0 and step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
     span = max(1, settings.max_steps - settings.warmup_steps)
@@ -403,9 +408,8 @@ def deep_supervision_loss(output: torch.Tensor, label: torch.Tensor, loss_fn: Ca
                       for i in range(label.shape[0])]
         return sum(w * loss for w, loss in zip(sample_weights.tolist(), per_sample)) / label.shape[0]
     heads = torch.unbind(output, dim=1) if output.dim() == label.dim() + 1 else (output,)
-    weights = [0.5**i for i in range(len(heads))]
-    total = sum(w * loss_fn(h.float(), label) for w, h in zip(weights, heads))
-    return total / sum(weights)
+    weights = [0.5**i for i in range(len(heads))]  # MONAI's "exp" mode floors them at 1/16: given here
+    return DeepSupervisionLoss(loss_fn, weights=[w / sum(weights) for w in weights])(list(heads), label)
 
 
 @torch.no_grad()
