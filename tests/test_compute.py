@@ -336,6 +336,8 @@ def test_a_driver_killed_under_ray_is_completed_by_the_same_command(sequential, 
             time.sleep(0.5)
         again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        # in a plain log too (pipes, no terminal), the members' steps come from their workers
+        assert re.search(r"\(train-member pid=\d+\).*fold0: step \d+/12 loss", again.stdout + again.stderr)
     finally:
         for pid in _ours(home):  # Ray's agents outlive a killed driver: stop what this test started
             with contextlib.suppress(OSError):

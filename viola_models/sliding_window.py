@@ -23,7 +23,7 @@ from viola_models.backends import InferenceSettings, OpenVINOForward, resolve_ba
 from viola_models.predictors import as_predictor, fold_batch_norm
 
 if TYPE_CHECKING:  # annotations only: member checkpoints are read in viola_models.ensemble, which uses this module
-    from viola_models.ensemble import MemberCheckpoint
+    from viola_models.members import MemberCheckpoint
 
 __all__ = ["FOREGROUND_THRESHOLD", "EnsembleOutput", "make_predictors", "predict_ensemble",
            "sliding_window_probability"]
