@@ -26,11 +26,16 @@ def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap
                 inference: InferenceSettings | None = None) -> list[dict]:
     """Score the ensemble on a share of the test scans on this worker; the per-scan rows, untracked."""
     ensemble = load_ensemble(Path(ensemble_dir), device=worker_device(device, threads), inference=inference)
-    with progress("score", len(scans), log, unit="scans") as bar:
-        table, _ = evaluate_scans(ensemble, scans, cache_dir=Path(cache), overlap=overlap, tta=tta,
-                                  nsd_tolerance_mm=nsd_tolerance_mm,
-                                  on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
+    table, _ = _score(ensemble, scans, cache, overlap, tta, nsd_tolerance_mm)
     return table.to_dict("records")
+
+
+def _score(ensemble, scans: dict[str, dict], cache: Path, overlap: float, tta: bool,
+           nsd_tolerance_mm: float) -> tuple[pd.DataFrame, dict[str, float]]:
+    """``evaluate_scans`` with a progress line (or bar) per scan."""
+    with progress("score", len(scans), log, unit="scans") as bar:
+        return evaluate_scans(ensemble, scans, cache_dir=Path(cache), overlap=overlap, tta=tta,
+                              nsd_tolerance_mm=nsd_tolerance_mm, on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
 
 
 @task(name="evaluate")
@@ -58,11 +63,8 @@ def evaluate_round(
         return {}
     t0 = time.perf_counter()
     if rows is None:
-        with progress("score", len(scans), log, unit="scans") as bar:
-            table, means = evaluate_scans(load_ensemble(Path(ensemble_dir), device=device, inference=inference), scans,
-                                          cache_dir=Path(cache), overlap=overlap, tta=tta,
-                                          nsd_tolerance_mm=nsd_tolerance_mm,
-                                          on_scan=lambda i, n, scan_id: bar.update(i, scan_id))
+        table, means = _score(load_ensemble(Path(ensemble_dir), device=device, inference=inference), scans, cache,
+                              overlap, tta, nsd_tolerance_mm)
     else:  # scored side by side (score_chunk): the same table, in the same order
         table = pd.DataFrame(rows).sort_values("scan_id", kind="stable").reset_index(drop=True)
         means = means_of(table)

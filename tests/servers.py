@@ -24,6 +24,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def started_with_home(home: Path) -> list[int]:
+    """Live processes (zombies aside) started with this PREFECT_HOME: what a test started, and their
+    children; the test's own process excluded."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ours = f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes()
+            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            if ours and not zombie and int(proc.name) != os.getpid():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """Stop a process started with ``start_new_session=True`` and everything it started."""
     if proc.poll() is None:

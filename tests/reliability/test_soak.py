@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, stop_group
+from tests.servers import free_port, started_with_home, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -35,20 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 ROUNDS = Path("viola_work") / "rounds"
 ACTIVE = ("RUNNING", "PENDING", "CANCELLING")
-
-
-def _ours(home: Path) -> list[int]:
-    """Live processes started with this PREFECT_HOME: everything this soak started, and their children."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ours = f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes()
-            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-            if ours and not zombie and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def _inputs(root: Path) -> dict[str, str]:
@@ -179,7 +165,7 @@ def test_served_rounds_survive_new_scans_sigterm_and_sigkill(tmp_path):
         if serve is not None:
             stop_group(serve)
         stop_group(server)
-        left = _ours(home)
+        left = started_with_home(home)
         for pid in left:  # what the soak started and nobody stopped: reported below, then stopped
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

@@ -14,23 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import started_with_home
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _ours(home: Path) -> list[int]:
-    """Live processes started with this PREFECT_HOME (this test's runs and what they started)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            ours = f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes()
-            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-            if ours and not zombie and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def _start(tmp: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
@@ -58,7 +46,7 @@ def _training(proc: subprocess.Popen, root: Path, tmp: Path) -> None:
 
 
 def _cleanup(home: Path) -> None:
-    for pid in _ours(home):  # whatever this test started and the run under test did not stop
+    for pid in started_with_home(home):  # whatever this test started and the run under test did not stop
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 
@@ -78,8 +66,8 @@ def test_sigterm_to_the_group_ends_the_run_in_bounded_time_and_leaves_nothing(tm
         assert took < 45, f"took {took:.0f} s to stop"
         assert "stopped by SIGTERM" in out.strip().splitlines()[-1]
         deadline = time.monotonic() + 15
-        while _ours(home):
-            assert time.monotonic() < deadline, f"left running: {_ours(home)}"
+        while started_with_home(home):
+            assert time.monotonic() < deadline, f"left running: {started_with_home(home)}"
             time.sleep(0.5)
         with exclusive(root / "viola_work"):  # the data root is free
             pass
@@ -104,7 +92,7 @@ def test_after_kill_9_the_next_run_stops_what_the_dead_run_left(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the run alone: what it started lives on
         proc.wait()
         time.sleep(1)
-        orphans = _ours(home)
+        orphans = started_with_home(home)
         assert orphans, "kill -9 of the run left nothing to find (expected its temporary Prefect server)"
         # the next call on the data root (a different one: it is refused, after the leftovers are stopped)
         nxt, _, _ = _start(tmp_path, "--rounds", "3")
@@ -115,7 +103,7 @@ def test_after_kill_9_the_next_run_stops_what_the_dead_run_left(tmp_path):
         found = [line for line in lines if line.startswith("stopped ") and "left by the run that died" in line]
         assert len(found) == 1 and f"(pid {proc.pid})" in found[0], out[-3000:]
         assert lines[-1].startswith("error: ") and "was interrupted" in lines[-1]
-        assert not _ours(home), f"still running: {_ours(home)}"
+        assert not started_with_home(home), f"still running: {started_with_home(home)}"
         print(f"kill -9: {len(orphans)} orphan(s) found and stopped: {found[0]}")
     finally:
         _cleanup(home)
