@@ -65,3 +65,12 @@ def write_case(root: Path, role: str, name: str, seed: int = 0, label: bool = Tr
     write_nifti(root / top / "data" / f"{name}.nii.gz", img, aff, np.int16)
     if label:
         write_nifti(root / top / "label" / f"{name}.nii.gz", lab, aff, np.uint8)
+
+
+def store_client(uri: str):
+    """An MLflow client of one store for both its runs and its registry. ``mlflow.set_registry_uri``
+    is global to a process: a client made with the tracking URI alone would read the registry of
+    whatever store an earlier test of the same session set."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)

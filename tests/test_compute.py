@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from flows.profiles import ProfileError, load_profile
+from tests.helpers import store_client
 
 ROUNDS = Path("viola_work") / "rounds"
 
@@ -94,13 +94,13 @@ def test_a_sqlite_store_is_served_to_workers_and_the_server_stopped(tmp_path):
         assert same == uri
     with tracking.shared_tracking(uri, other_processes=True) as served:
         assert served.startswith("http://127.0.0.1:")
-        client = MlflowClient(served)
+        client = store_client(served)
         exp = tracking.experiment_id(tracking.client_for(uri), "e")
         run = client.create_run(exp, run_name="from a worker")
         (tmp_path / "a.txt").write_text("checkpoint")
         client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"), "checkpoint")
     # the same run, read from the file itself; its artifact beside the store; the server is gone
-    direct = MlflowClient(uri)
+    direct = store_client(uri)
     assert direct.get_run(run.info.run_id).info.run_name == "from a worker"
     assert [a.path for a in direct.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/a.txt"]
     with pytest.raises(OSError):
@@ -136,7 +136,7 @@ def _rounds(tmp: Path, runner: str, rounds: int, during=None) -> list[dict]:
         torch.set_num_threads(threads)
     if side:
         side.join(timeout=60)
-    client = MlflowClient(uri)
+    client = store_client(uri)
     exp = client.get_experiment_by_name("self-training-tiny")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     out = []
@@ -238,7 +238,7 @@ def test_a_round_logs_to_a_tracking_server_over_http(prefect_api, tmp_path, monk
     with postgres() as backend, tracking.mlflow_server(backend, tmp_path, artifacts_destination=str(
             tmp_path / "artifacts")) as uri:
         summary = self_training(profile="tiny", data_root=str(root), rounds=1, tracking_uri=uri)[0]
-        client = MlflowClient(uri)
+        client = store_client(uri)
         runs = client.search_runs([client.get_experiment_by_name("self-training-tiny").experiment_id])
         assert sorted((r.data.tags["viola.kind"], r.info.status) for r in runs) == [
             ("member", "FINISHED"), ("member", "FINISHED"), ("round", "FINISHED")]
@@ -346,7 +346,7 @@ def test_a_driver_killed_under_ray_is_completed_by_the_same_command(sequential, 
                for p in sorted((members).glob("*/best.pt"))}
     test = json.loads((root / ROUNDS / "round_000" / "state.json").read_text())["test"]
     _same({"weights": weights, "test": {k: v for k, v in test.items() if k != "test/seconds"}}, sequential[0])
-    client = MlflowClient(f"sqlite:///{store}")
+    client = store_client(f"sqlite:///{store}")
     runs = client.search_runs([client.get_experiment_by_name("self-training-tiny").experiment_id])
     assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs
                   if r.data.tags.get("viola.kind") == "member") == sequential[0]["members"]

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from data_catalog.selection import Calibration
-from tests.helpers import head_volume, write_nifti
+from tests.helpers import head_volume, store_client, write_nifti
 from viola_models.ensemble import EnsembleError, load_ensemble, read_manifest, write_ensemble
 
 
@@ -93,6 +92,6 @@ def test_the_champion_moves_only_on_the_same_test_set(ensemble_dir, tmp_path):
     assert rescored < 0.5  # a 4-step network scores far below the candidate's claimed 0.50
     assert third["champion"] and "(champion re-scored)" in third["reason"]
     assert str(client.get_model_version_by_alias("m", "champion").version) == third["version"]
-    v3 = MlflowClient(uri).get_model_version("m", third["version"])
+    v3 = store_client(uri).get_model_version("m", third["version"])
     assert v3.tags["test_set_hash"] == "setB" and v3.tags["champion_decision"] == "promoted"
     assert (tracking.download_ensemble("models:/m@champion", uri, tmp_path / "champion") / "ensemble.json").exists()

@@ -16,6 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 from data_catalog import catalog
 from tasks import tracking
 from tests import ui_check
+from tests.helpers import store_client
 from viola_models.ensemble import load_ensemble
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_two_rounds_end_to_end(two_rounds, tmp_path):
                                                           (1, "control")]
     assert summaries[1]["skipped"].startswith("round 0 has no control")
 
-    client = MlflowClient(uri)
+    client = store_client(uri)
     runs = _runs(client, "self-training-tiny")
     rounds = runs[runs.kind == "round"]
     parents = rounds[[t["viola.arm"] == "self-training" for t in rounds.tags]].set_index("round")
@@ -238,7 +239,7 @@ def test_a_crashed_round_resumes_without_redoing_finished_members(tmp_path, monk
     assert summary["round"] == 0 and summary["run_id"] == state["run_id"]
     assert calls.count("nnunet_tiny-fold0") == 3
     assert done_viola.stat().st_mtime_ns == stamp  # the finished member was reused, not retrained
-    runs = _runs(MlflowClient(uri), "self-training-tiny")
+    runs = _runs(store_client(uri), "self-training-tiny")
     assert (runs.kind == "round").sum() == 1 and (runs.kind == "member").sum() == 2
     assert set(runs.status) == {"FINISHED"}
 

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
 from websockets.sync.client import connect
 
+from tests.helpers import store_client
 from tests.servers import free_port, stop_group
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -205,7 +205,7 @@ class RoundRun:
 def round_runs(tracking_uri: str, experiment: str, metric: str = "test/dsc") -> tuple[str, list[RoundRun]]:
     """The experiment's id and its finished round runs (self-training, control, oracle) that logged
     ``metric``, by round and arm."""
-    client = MlflowClient(tracking_uri)
+    client = store_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no experiment {experiment!r} in {tracking_uri}")

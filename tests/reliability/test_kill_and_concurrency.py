@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
+
+from tests.helpers import store_client
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def _outcome(root: Path, store: Path) -> dict:
     """What a finished two-round run left: its test metrics and the MLflow bookkeeping."""
-    client = MlflowClient(f"sqlite:///{store}")
+    client = store_client(f"sqlite:///{store}")
     exp = client.get_experiment_by_name("self-training-tiny")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     tests = [{k: v for k, v in json.loads((root / ROUNDS / f"round_00{r}" / "state.json").read_text())["test"].items()
@@ -139,7 +140,7 @@ def test_two_runs_at_once_the_second_refuses_and_a_new_store_stays_sound(tmp_pat
     for r in runs:
         r.wait(timeout=900)
     assert [r.returncode for r in runs] == [0, 0], [(tmp_path / f"{r.name}.log").read_text()[-2000:] for r in roots]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'shared.db'}")
+    client = store_client(f"sqlite:///{tmp_path / 'shared.db'}")
     assert len(client.search_model_versions("name='viola-ich-tiny'")) == 4  # two rounds of each root
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import store_client
 from tests.servers import free_port, started_with_home, stop_group
 
 pytestmark = pytest.mark.slow
@@ -75,8 +76,6 @@ def _training(root: Path, round_: int) -> bool:
 
 
 def test_served_rounds_survive_new_scans_sigterm_and_sigkill(tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from data_catalog.phantoms import write_phantom_dataset
 
     seed = int(os.environ.get("VIOLA_SOAK_SEED", "2026"))
@@ -174,7 +173,7 @@ def test_served_rounds_survive_new_scans_sigterm_and_sigkill(tmp_path):
     states = sorted(r["state_type"] for r in runs)
     print("flow runs", {s: states.count(s) for s in set(states)})
     assert not [s for s in states if s in ACTIVE], states
-    client = MlflowClient(f"sqlite:///{store}")
+    client = store_client(f"sqlite:///{store}")
     experiment = client.get_experiment_by_name("self-training-tiny")
     mlflow_runs = client.search_runs([experiment.experiment_id], max_results=1000)
     assert [r.info.run_name for r in mlflow_runs if r.info.status == "RUNNING"] == []

@@ -72,9 +72,9 @@ def test_sigterm_to_the_group_ends_the_run_in_bounded_time_and_leaves_nothing(tm
         with exclusive(root / "viola_work"):  # the data root is free
             pass
         assert not (root / "viola_work" / ".run.children.json").exists()
-        from mlflow.tracking import MlflowClient
+        from tests.helpers import store_client
 
-        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client = store_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
         runs = client.search_runs([client.get_experiment_by_name("self-training-tiny").experiment_id])
         kinds = sorted((r.data.tags.get("viola.kind", ""), r.info.status) for r in runs)
         assert ("round", "KILLED") in kinds and not [k for k in kinds if k[1] == "RUNNING"], kinds
