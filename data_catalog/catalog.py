@@ -319,6 +319,88 @@ def _validate(root: Path, cand: _Candidate, binarize: bool) -> dict[str, str]:
     return fields
 
 
+_STAT_KEYS = ("role", "label_path", "label_transform", "image_size", "image_mtime_ns", "label_size", "label_mtime_ns")
+_CONTENT_KEYS = ("image_hash", "label_hash", "label_path", "label_transform", "role")
+
+
+def _known(prev: dict[str, str] | None) -> bool:
+    """Whether a catalog row was read to the end before (validated, or rejected for a reason)."""
+    return prev is not None and bool(prev["voxel_hash"] or prev["status"] != "ok")
+
+
+def _scan_row(root: Path, cand: _Candidate, prev: dict[str, str] | None, transform: str) -> tuple[dict[str, str], str]:
+    """The catalog row of one listed file from what can be known without reading it (its name, role
+    and stat), and what is left to do: "read" its content, or nothing ("rejected": listed as
+    unusable or vanished; "unchanged": same size and modification time as the catalog saw)."""
+    row = {c: "" for c in SCAN_COLUMNS}
+    row.update(scan_id=cand.scan_id, role=cand.role, image_path=cand.image, label_path=cand.label,
+               label_transform=transform if cand.label else "")
+    if cand.error:
+        same = prev is not None and prev["reason"] == cand.error
+        row.update(status="rejected", reason=cand.error, added_at=(prev or {}).get("added_at") or _now(),
+                   updated_at=prev["updated_at"] if same else _now())
+        return row, "rejected"
+    try:
+        row["image_size"], row["image_mtime_ns"] = _stat(root, cand.image)
+        row["label_size"], row["label_mtime_ns"] = _stat(root, cand.label)
+    except OSError as e:  # vanished since it was listed
+        row.update(status="rejected", reason=f"cannot read file: {e.strerror or e}", added_at=_now(),
+                   updated_at=_now())
+        return row, "rejected"
+    if _known(prev) and all(prev[k] == row[k] for k in _STAT_KEYS):
+        kept = {**prev, "scan_id": cand.scan_id}
+        if kept["reason"].startswith(_DUPLICATE_REASONS):  # valid content: decided again with the others
+            kept.update(status="ok", reason="")
+        return kept, "unchanged"
+    return row, "read"
+
+
+def _check_file(root: Path, row: dict[str, str], cand: _Candidate, prev: dict[str, str] | None,
+                binarize_labels: bool) -> str:
+    """Hash one new or touched file and validate it unless its content is what the catalog knew;
+    fills ``row`` in place and returns "new", "changed" or "unchanged"."""
+    kind = "new" if prev is None else "changed"
+    try:
+        row["image_hash"] = file_sha256(root / cand.image)
+        row["label_hash"] = file_sha256(root / cand.label) if cand.label else ""
+    except OSError as e:  # vanished or locked since it was listed: rejected, the others go on
+        row.update(status="rejected", reason=f"cannot read file: {e.strerror or e}",
+                   added_at=(prev or {}).get("added_at") or _now(), updated_at=_now())
+        return kind
+    if _known(prev) and all(prev[k] == row[k] for k in _CONTENT_KEYS):
+        for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at", "voxel_hash"):
+            row[k] = prev[k]
+        if row["reason"].startswith(_DUPLICATE_REASONS):
+            row.update(status="ok", reason="")
+        return "unchanged"
+    row.update(_validate(root, cand, binarize_labels))
+    row["added_at"] = (prev or {}).get("added_at") or _now()
+    row["updated_at"] = _now()
+    return kind
+
+
+def _check_files(root: Path, to_check: list[tuple[dict[str, str], _Candidate]], old_by_path: dict,
+                 binarize_labels: bool, workers: int | None, on_progress) -> list[str]:
+    """:func:`_check_file` on every item, on a few threads; the kinds in the order of ``to_check``."""
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    done, done_lock = [0], threading.Lock()
+
+    def read_one(item: tuple[dict[str, str], _Candidate]) -> str:
+        row, cand = item
+        kind = _check_file(root, row, cand, old_by_path.get(cand.image), binarize_labels)
+        if on_progress is not None:
+            with done_lock:
+                done[0] += 1
+                on_progress(done[0], len(to_check), cand.image)
+        return kind
+
+    if not to_check:
+        return []
+    log.info("reading %d new or changed file(s) with %d worker(s)", len(to_check), n_workers)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        return list(pool.map(read_one, to_check))
+
+
 def ingest(
     root: Path, binarize_labels: bool = False, workers: int | None = None, lock_timeout_s: float = 120.0,
     on_progress: Callable[[int, int, str], None] | None = None,
@@ -339,97 +421,32 @@ def ingest(
         old = _read_csv(catalog_dir(root) / "scans.csv", SCAN_COLUMNS)
         old_by_path = {r["image_path"]: r for r in old.to_dict("records")}
         rows: list[dict[str, str]] = []
-        to_check: list[tuple[dict[str, str], _Candidate, str]] = []
+        to_check: list[tuple[dict[str, str], _Candidate]] = []
         for cand in cands:
             prev = old_by_path.get(cand.image)
-            row = {c: "" for c in SCAN_COLUMNS}
-            row.update(scan_id=cand.scan_id, role=cand.role, image_path=cand.image, label_path=cand.label,
-                       label_transform=transform if cand.label else "")
-            if cand.error:
-                same = prev is not None and prev["reason"] == cand.error
-                row.update(status="rejected", reason=cand.error, added_at=(prev or {}).get("added_at") or _now(),
-                           updated_at=prev["updated_at"] if same else _now())
-                rows.append(row)
-                continue
-            try:
-                row["image_size"], row["image_mtime_ns"] = _stat(root, cand.image)
-                row["label_size"], row["label_mtime_ns"] = _stat(root, cand.label)
-            except OSError as e:  # vanished since it was listed
-                row.update(status="rejected", reason=f"cannot read file: {e.strerror or e}", added_at=_now(),
-                           updated_at=_now())
-                rows.append(row)
-                continue
-            same_stat = prev is not None and all(
-                prev[k] == row[k] for k in ("role", "label_path", "label_transform", "image_size", "image_mtime_ns",
-                                            "label_size", "label_mtime_ns")
-            )
-            if same_stat and (prev["voxel_hash"] or prev["status"] != "ok"):
-                kept = {**prev, "scan_id": cand.scan_id}
-                if kept["reason"].startswith(_DUPLICATE_REASONS):  # valid content: decided again below
-                    kept.update(status="ok", reason="")
-                rows.append(kept)
-                report.unchanged += 1
-                continue
-            to_check.append((row, cand, "new" if prev is None else "maybe-changed"))
+            row, action = _scan_row(root, cand, prev, transform)
             rows.append(row)
-
-        def hash_and_validate(item: tuple[dict[str, str], _Candidate, str]) -> None:
-            row, cand, kind = item
-            prev = old_by_path.get(cand.image)
-            try:
-                row["image_hash"] = file_sha256(root / cand.image)
-                row["label_hash"] = file_sha256(root / cand.label) if cand.label else ""
-            except OSError as e:  # vanished or locked since it was listed: rejected, the others go on
-                row.update(status="rejected", reason=f"cannot read file: {e.strerror or e}", added_at=(
-                    prev or {}).get("added_at") or _now(), updated_at=_now())
-                item_kind[cand.image] = kind
-                return
-            if prev is not None and (prev["voxel_hash"] or prev["status"] != "ok") and all(
-                    prev[k] == row[k] for k in ("image_hash", "label_hash", "label_path", "label_transform", "role")):
-                for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at",
-                          "voxel_hash"):
-                    row[k] = prev[k]
-                if row["reason"].startswith(_DUPLICATE_REASONS):
-                    row.update(status="ok", reason="")
-                item_kind[cand.image] = "unchanged"
-                return
-            row.update(_validate(root, cand, binarize_labels))
-            row["added_at"] = (prev or {}).get("added_at") or _now()
-            row["updated_at"] = _now()
-            item_kind[cand.image] = kind
-
-        item_kind: dict[str, str] = {}
-        n_workers = workers or min(4, os.cpu_count() or 1)
-        done, done_lock = [0], threading.Lock()
-
-        def read_one(item: tuple[dict[str, str], _Candidate, str]) -> None:
-            hash_and_validate(item)
-            if on_progress is not None:
-                with done_lock:
-                    done[0] += 1
-                    on_progress(done[0], len(to_check), item[1].image)
-
-        if to_check:
-            log.info("reading %d new or changed file(s) with %d worker(s)", len(to_check), n_workers)
-            with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                list(pool.map(read_one, to_check))
-        for _, cand, _ in to_check:
-            kind = item_kind[cand.image]
+            if action == "read":
+                to_check.append((row, cand))
+            report.unchanged += action == "unchanged"
+        for (_, cand), kind in zip(to_check, _check_files(root, to_check, old_by_path, binarize_labels, workers,
+                                                          on_progress)):
             if kind == "unchanged":
                 report.unchanged += 1
-            elif kind == "new":
-                report.new.append(cand.scan_id)
             else:
-                report.changed.append(cand.scan_id)
-
-        _reject_duplicates(rows)
-        seen_paths = {r["image_path"] for r in rows}
-        report.removed = sorted(r["scan_id"] for r in old.to_dict("records") if r["image_path"] not in seen_paths)
-        table = pd.DataFrame(rows, columns=SCAN_COLUMNS).sort_values(["role", "scan_id", "image_path"])
-        _write_csv(table, catalog_dir(root) / "scans.csv")
-        report.rejected = [(r["image_path"], r["reason"]) for r in table.to_dict("records")
-                           if r["status"] == "rejected"]
+                (report.new if kind == "new" else report.changed).append(cand.scan_id)
+        _write_catalog(root, rows, old, report)
     return report
+
+
+def _write_catalog(root: Path, rows: list[dict[str, str]], old: pd.DataFrame, report: IngestReport) -> None:
+    """Duplicates rejected, removed files noted, ``scans.csv`` written (atomically), rejections reported."""
+    _reject_duplicates(rows)
+    seen_paths = {r["image_path"] for r in rows}
+    report.removed = sorted(r["scan_id"] for r in old.to_dict("records") if r["image_path"] not in seen_paths)
+    table = pd.DataFrame(rows, columns=SCAN_COLUMNS).sort_values(["role", "scan_id", "image_path"])
+    _write_csv(table, catalog_dir(root) / "scans.csv")
+    report.rejected = [(r["image_path"], r["reason"]) for r in table.to_dict("records") if r["status"] == "rejected"]
 
 
 def _reject_duplicates(rows: list[dict[str, str]]) -> None:

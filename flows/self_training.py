@@ -21,7 +21,8 @@ from prefect.states import Completed
 from flows.profiles import PipelineSettings, load_profile
 from tasks import tracking
 from tasks.calibration import calibrate
-from tasks.compute import ComputeSettings, check_cluster, cluster, member_options, task_runner, worker_device
+from tasks.compute import check_cluster, cluster, member_options, task_runner, worker_device
+from tasks.context import RoundContext
 from tasks.data import oracle_pairs, prepare_data, preprocess_catalog, preprocess_pairs
 from tasks.evaluation import evaluate_round, score_chunk
 from tasks.models import assemble_ensemble
@@ -42,13 +43,14 @@ from tasks.rounds import (
 )
 from tasks.tracking import shared_tracking
 from tasks.training import fold_groups, plan_members, train_member, worth_retrying
-from viola_models.backends import InferenceSettings
 
 __all__ = ["compare_arms", "label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
 
 
-def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float,
+def _summary_table(name: str, members: list[dict], pseudo: tuple[int, int], test: dict, seconds: float,
                    guard: dict | None = None, calibration: dict | None = None) -> str:
+    """The round's summary: members, pseudo-labels (selected, candidates), round guard, test metrics."""
+    n_sel, n_cand = pseudo
     lines = [f"{name} summary ({seconds / 60:.1f} min)", f"  {'member':<22}{'val Dice':>10}{'best step':>11}"]
     lines += [f"  {m['name']:<22}{m['val_dice']:>10.4f}{m['best_step']:>11d}" for m in members]
     for m in members:  # a fold too small to choose a step by says so
@@ -96,137 +98,133 @@ def compare_arms(results: list[dict]) -> str:
     return "\n".join(["does the round help?", *lines]) if lines else ""
 
 
-def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str = "self-training",
-            round_: int | None = None, force: bool = False) -> dict:
-    """Compose one arm of one round from the tasks; returns its summary (also logged to MLflow)."""
-    logger = get_run_logger()
-    t_start = time.perf_counter()
+def _pseudo_labels(ctx: RoundContext, unlabelled: dict[str, dict]) -> list[dict]:
+    """The training pairs the arm adds to the labelled scans: the teacher's selected pseudo-labels
+    (self-training, round >= 1), the hidden truth (oracle) or none (control, round 0)."""
+    settings = ctx.settings
+    if ctx.arm == "self-training" and ctx.round > 0 and unlabelled:
+        if settings.compute.runner == "ray":  # the masks made side by side; selected and tracked below
+            label_unlabelled.with_options(task_runner=task_runner(settings.compute, ctx.tracking_uri))(ctx, unlabelled)
+        return preprocess_pairs(pseudo_label(ctx, unlabelled), ctx.cache, settings.preprocess)
+    if ctx.arm == "oracle":
+        return preprocess_pairs(oracle_pairs(ctx.data_root), ctx.cache, settings.preprocess, label_source="oracle")
+    return []
+
+
+def _open_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str, round_: int | None,
+              force: bool) -> RoundContext | dict:
+    """The arm's context with its MLflow run open, or its summary when it does not run (skipped:
+    nothing changed; or finished before)."""
     # this process predicts too (calibration, and the rest when sequential): with the workers' threads,
     # since OpenVINO's results depend on its thread count
     device = worker_device(settings.device, settings.compute.torch_threads)
-    root, work, cache = settings.data.root, settings.work_dir, settings.work_dir / "cache"
-    inference = settings.inference_settings()
-    plan = plan_round(work, arm, round_, data["catalog_hash"], settings.digest(), settings.round.skip_unchanged,
-                      force)
-    r = plan.round
+    plan = plan_round(settings.work_dir, arm, round_, (data["catalog_hash"], settings.digest()),
+                      settings.round.skip_unchanged, force)
     if plan.skip_reason:
-        logger.info("%s", plan.skip_reason)
-        return {"round": r, "arm": arm, "skipped": plan.skip_reason, "summary": plan.skip_reason}
+        get_run_logger().info("%s", plan.skip_reason)
+        return {"round": plan.round, "arm": arm, "skipped": plan.skip_reason, "summary": plan.skip_reason}
     if plan.state.get("status") == "finished":
-        return {"round": r, "arm": arm, "run_id": plan.state["run_id"], "test": plan.state.get("test", {}),
-                "summary": f"{plan.name}: already finished (test DSC {plan.state.get('test', {}).get('test/dsc')})"}
+        test = plan.state.get("test", {})
+        return {"round": plan.round, "arm": arm, "run_id": plan.state["run_id"], "test": test,
+                "summary": f"{plan.name}: already finished (test DSC {test.get('test/dsc')})"}
     plan = open_round_run(plan, tracking_uri, settings.tracking.experiment, {
-        "viola.profile": settings.name, "viola.profile_hash": settings.digest(), "viola.data_root": str(root),
-        "viola.catalog_hash": data["catalog_hash"], "viola.test_set_hash": data["test_set_hash"],
-        "viola.device": device}, settings.model_dump(mode="json"))
-    run_id, rdir = plan.state["run_id"], Path(plan.dir)
+        "viola.profile": settings.name, "viola.profile_hash": settings.digest(),
+        "viola.data_root": str(settings.data.root), "viola.catalog_hash": data["catalog_hash"],
+        "viola.test_set_hash": data["test_set_hash"], "viola.device": device}, settings.model_dump(mode="json"))
+    return RoundContext(settings, plan, tracking_uri, device, settings.work_dir / "cache")
 
-    cases = preprocess_catalog(root, cache, settings.preprocess)
-    by_role = {role: {s: c for s, c in cases.items() if c["role"] == role} for role in ("labelled", "unlabelled",
-                                                                                         "test")}
-    pseudo: list[dict] = []
-    if arm == "self-training" and r > 0 and by_role["unlabelled"]:
-        if settings.compute.runner == "ray":  # the masks made side by side; selected and tracked below
-            label_unlabelled.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
-                Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo", cache,
-                settings.pseudo.overlap, settings.pseudo.tta, settings.compute, settings.device, inference,
-                settings.pseudo.ignore_band)
-        selected = pseudo_label(r, Path(plan.teacher_dir), plan.teacher_run_id, by_role["unlabelled"], rdir / "pseudo",
-                                root, cache, settings.pseudo.rule, tracking_uri, run_id,
-                                overlap=settings.pseudo.overlap, tta=settings.pseudo.tta, device=device,
-                                n_overlays=settings.pseudo.overlays, inference=inference,
-                                weight_by_predicted_dice=settings.student.pseudo_weight == "predicted_dice",
-                                ignore_band=settings.pseudo.ignore_band)
-        pseudo = preprocess_pairs(selected, cache, settings.preprocess)
-    elif arm == "oracle":
-        pseudo = preprocess_pairs(oracle_pairs(root), cache, settings.preprocess, label_source="oracle")
 
-    labelled = {s: c["cache"] for s, c in by_role["labelled"].items()}
-    jobs = plan_members(settings, r, labelled, data["folds"], pseudo, plan.init_ensemble_dir, rdir, by_role["labelled"])
-    runner = train_members.with_options(task_runner=task_runner(settings.compute, tracking_uri))
-    members = runner(jobs, settings.compute, tracking_uri, plan.state["experiment_id"], run_id, r, settings.device)
-    groups = fold_groups(jobs, members)
-
-    calib = {"calibration": None, "points": ""}
-    if arm == "self-training":  # only this arm's ensemble teaches the next round
-        calib = calibrate(groups, settings.pseudo.rule, settings.pseudo.calibration.overlap, rdir, tracking_uri,
-                          run_id, r, device=device, inference=inference)
-    guard = {}
-    if arm == "self-training":  # whether this round teaches the next: validation scans only
-        guard = round_guard(r, _mean_val_dice(members), plan.teacher_round, plan.teacher_val_dice,
+def _ensemble(ctx: RoundContext, jobs: list[dict], members: list[dict]) -> tuple[Path, dict, dict]:
+    """The round's ensemble folder, its calibration and the round guard's verdict (the last two for
+    the self-training arm only: its ensemble alone teaches the next round, if its validation scans
+    say so)."""
+    settings, r = ctx.settings, ctx.round
+    calib, guard = {"calibration": None, "points": ""}, {}
+    if ctx.arm == "self-training":
+        calib = calibrate(ctx, fold_groups(jobs, members))
+        guard = round_guard(r, _mean_val_dice(members), ctx.plan.teacher_round, ctx.plan.teacher_val_dice,
                             settings.round.guard)
-    ens_dir = assemble_ensemble(rdir / "ensemble", members, settings.preprocess, calib["calibration"],
-                                calib["points"], round=r, arm=arm, profile=settings.name,
-                                patch_size=list(settings.train_settings(r, settings.members.architectures[0],
-                                                                        0).patch_size))
-    evaluate = {"overlap": settings.evaluate.overlap, "tta": settings.evaluate.tta,
-                "nsd_tolerance_mm": settings.evaluate.nsd_tolerance_mm}
+    patch = list(settings.train_settings(r, settings.members.architectures[0], 0).patch_size)
+    folder = assemble_ensemble(ctx.dir / "ensemble", members, settings.preprocess, calib["calibration"],
+                               calib["points"], round=r, arm=ctx.arm, profile=settings.name, patch_size=patch)
+    return Path(folder), calib, guard
+
+
+def _test(ctx: RoundContext, ensemble_dir: Path, scans: dict[str, dict]) -> dict:
+    """The ensemble's test metrics, scored side by side on Ray or here, tracked here."""
     rows = None
-    if settings.compute.runner == "ray" and by_role["test"]:  # scored side by side, tracked below
-        rows = score_test_scans.with_options(task_runner=task_runner(settings.compute, tracking_uri))(
-            Path(ens_dir), by_role["test"], cache, settings.compute, settings.device, inference, **evaluate)
-    test = evaluate_round(Path(ens_dir), by_role["test"], cache, rdir / "test_metrics.csv", tracking_uri, run_id, r,
-                          device=device, rows=rows, inference=inference, data_root=str(root), **evaluate)
+    if ctx.settings.compute.runner == "ray" and scans:
+        rows = score_test_scans.with_options(task_runner=task_runner(ctx.settings.compute, ctx.tracking_uri))(
+            ctx, ensemble_dir, scans)
+    return evaluate_round(ctx, ensemble_dir, scans, rows)
+
+
+def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str = "self-training",
+            round_: int | None = None, force: bool = False) -> dict:
+    """Compose one arm of one round from the tasks, as the paper's steps; returns its summary (also
+    logged to MLflow)."""
+    t_start = time.perf_counter()
+    ctx = _open_arm(settings, tracking_uri, data, arm, round_, force)
+    if isinstance(ctx, dict):
+        return ctx
+    cases = preprocess_catalog(ctx.data_root, ctx.cache, settings.preprocess)
+    by_role = {role: {s: c for s, c in cases.items() if c["role"] == role}
+               for role in ("labelled", "unlabelled", "test")}
+    pseudo = _pseudo_labels(ctx, by_role["unlabelled"])
+    labelled = {s: c["cache"] for s, c in by_role["labelled"].items()}
+    jobs = plan_members(ctx, labelled, data["folds"], pseudo, by_role["labelled"])
+    members = train_members.with_options(task_runner=task_runner(settings.compute, tracking_uri))(ctx, jobs)
+    ens_dir, calib, guard = _ensemble(ctx, jobs, members)
+    test = _test(ctx, ens_dir, by_role["test"])
     reg = None
-    if arm == "self-training":
-        reg = register_ensemble(Path(ens_dir), settings.tracking.registered_model, tracking_uri, run_id, r,
-                                test.get("test/dsc"), data["test_set_hash"], by_role["test"], cache, evaluate,
-                                device=device, inference=inference)
+    if arm == "self-training":  # only this arm is registered
+        reg = register_ensemble(ctx, ens_dir, test.get("test/dsc"), data["test_set_hash"], by_role["test"])
     seconds = time.perf_counter() - t_start
     metrics = {"members/mean_val_dice": sum(m["val_dice"] for m in members) / len(members), "round/seconds": seconds,
                "round/n_members": len(members), "round/n_train_labelled": len(labelled),
                "round/n_pseudo_labels": len(pseudo)}
-    table = _summary_table(plan.name, members, len(pseudo), len(by_role["unlabelled"]) if arm == "self-training"
-                           and r > 0 else 0, test, seconds, guard, calib["calibration"])
-    logger.info("%s", table)
-    close_round_run(plan, tracking_uri, metrics, {"test": test, "model_version": reg["version"] if reg else None,
-                                                  "n_pseudo_labels": len(pseudo), **guard}, pseudo)
-    return {"round": r, "arm": arm, "run_id": run_id, "members": members, "test": test,
+    n_candidates = len(by_role["unlabelled"]) if arm == "self-training" and ctx.round > 0 else 0
+    table = _summary_table(ctx.name, members, (len(pseudo), n_candidates), test, seconds, guard, calib["calibration"])
+    get_run_logger().info("%s", table)
+    close_round_run(ctx.plan, tracking_uri, metrics, {"test": test, "model_version": reg["version"] if reg else None,
+                                                      "n_pseudo_labels": len(pseudo), **guard}, pseudo)
+    return {"round": ctx.round, "arm": arm, "run_id": ctx.run_id, "members": members, "test": test,
             "n_pseudo_selected": len(pseudo), "registered": reg, "seconds": seconds, "summary": table, **guard}
 
 
 @flow(name="train-members")
-def train_members(jobs: list[dict], compute: ComputeSettings, tracking_uri: str, experiment_id: str,
-                  parent_run_id: str, round_: int, device: str) -> list[dict]:
+def train_members(ctx: RoundContext, jobs: list[dict]) -> list[dict]:
     """Every member of a round, submitted at once to this flow's task runner (``[compute]``): one
     after another here, or side by side on Ray; the members' results in the order of ``jobs``."""
+    compute = ctx.settings.compute
     check_cluster(compute)
     train = train_member.with_options(retries=compute.retries, retry_condition_fn=worth_retrying)
-    with shared_tracking(tracking_uri, compute.runner == "ray") as uri, member_options(compute):
-        futures = [train.submit(**job, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                                round_=round_, device=device, threads=compute.torch_threads) for job in jobs]
+    with shared_tracking(ctx.tracking_uri, compute.runner == "ray") as uri, member_options(compute):
+        futures = [train.submit(ctx.with_tracking(uri), job, threads=compute.torch_threads) for job in jobs]
         return [f.result() for f in futures]  # inside: the store stays served until the last member ends
 
 
-def _per_share(task, scans: dict[str, dict], compute: ComputeSettings, **kwargs) -> list:
+def _per_share(task, ctx: RoundContext, scans: dict[str, dict], **kwargs) -> list:
     """``task`` on one share of ``scans`` per slot of the cluster, side by side; its results in order."""
+    compute = ctx.settings.compute
     slots = check_cluster(compute).get("slots", 1)
     with member_options(compute):
-        futures = [task.submit(scans=share, threads=compute.torch_threads, **kwargs) for share in chunks(scans, slots)]
+        futures = [task.submit(ctx, scans=share, threads=compute.torch_threads, **kwargs)
+                   for share in chunks(scans, slots)]
         return [f.result() for f in futures]
 
 
 @flow(name="label-unlabelled")
-def label_unlabelled(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
-                     overlap: float, tta: bool, compute: ComputeSettings, device: str,
-                     inference: InferenceSettings | None = None, ignore_band: tuple[float, float] | None = None
-                     ) -> int:
+def label_unlabelled(ctx: RoundContext, scans: dict[str, dict]) -> int:
     """The teacher's masks of the unlabelled scans, in one share per slot of the cluster (the
     members' resources each), side by side; the pseudo-label task then selects from them."""
-    return sum(_per_share(label_chunk, scans, compute, teacher_dir=teacher_dir, teacher_run_id=teacher_run_id,
-                          out_dir=out_dir, cache=cache, overlap=overlap, tta=tta, device=device,
-                          inference=inference, ignore_band=ignore_band))
+    return sum(_per_share(label_chunk, ctx, scans))
 
 
 @flow(name="score-test-scans")
-def score_test_scans(ensemble_dir: Path, scans: dict[str, dict], cache: Path, compute: ComputeSettings, device: str,
-                     inference: InferenceSettings | None, overlap: float, tta: bool,
-                     nsd_tolerance_mm: float) -> list[dict]:
+def score_test_scans(ctx: RoundContext, ensemble_dir: Path, scans: dict[str, dict]) -> list[dict]:
     """The ensemble's per-scan test rows, in one share per slot of the cluster, side by side."""
-    return [row for rows in _per_share(score_chunk, scans, compute, ensemble_dir=ensemble_dir, cache=cache,
-                                       overlap=overlap, tta=tta, nsd_tolerance_mm=nsd_tolerance_mm, device=device,
-                                       inference=inference)
-            for row in rows]
+    return [row for rows in _per_share(score_chunk, ctx, scans, ensemble_dir=ensemble_dir) for row in rows]
 
 
 @flow(name="self-training", log_prints=True)

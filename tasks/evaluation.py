@@ -12,8 +12,8 @@ from prefect import task
 from data_catalog.scans import atomic_write
 from tasks import tracking
 from tasks.compute import worker_device
+from tasks.context import RoundContext
 from tasks.progress import progress
-from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.evaluation import evaluate_scans, means_of
 
@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 
 
 @task(name="score-scans")
-def score_chunk(ensemble_dir: Path, scans: dict[str, dict], cache: Path, overlap: float = 0.5, tta: bool = False,
-                nsd_tolerance_mm: float = 0.42, device: str = "auto", threads: int | None = None,
-                inference: InferenceSettings | None = None) -> list[dict]:
+def score_chunk(ctx: RoundContext, ensemble_dir: Path, scans: dict[str, dict], threads: int | None = None
+                ) -> list[dict]:
     """Score the ensemble on a share of the test scans on this worker; the per-scan rows, untracked."""
-    ensemble = load_ensemble(Path(ensemble_dir), device=worker_device(device, threads), inference=inference)
-    table, _ = _score(ensemble, scans, cache, overlap, tta, nsd_tolerance_mm)
+    ensemble = load_ensemble(Path(ensemble_dir), device=worker_device(ctx.settings.device, threads),
+                             inference=ctx.inference)
+    table, _ = _score(ensemble, scans, ctx.cache, **ctx.evaluate)
     return table.to_dict("records")
 
 
@@ -39,44 +39,30 @@ def _score(ensemble, scans: dict[str, dict], cache: Path, overlap: float, tta: b
 
 
 @task(name="evaluate")
-def evaluate_round(
-    ensemble_dir: Path,
-    scans: dict[str, dict],
-    cache: Path,
-    out_csv: Path,
-    tracking_uri: str,
-    run_id: str,
-    step: int,
-    overlap: float = 0.5,
-    tta: bool = False,
-    nsd_tolerance_mm: float = 0.42,
-    device: str = "cpu",
-    rows: list[dict] | None = None,
-    inference: InferenceSettings | None = None,
-    data_root: str = "",
-) -> dict[str, float]:
-    """Score the ensemble on the test scans; logs the per-case table (``test/per_case.csv``) and the
-    means (``test/dsc``, ``test/hd``, ``test/nsd``, ``test/rvd``) to ``run_id``; returns the means.
-    ``rows``: the per-scan rows already scored elsewhere (:func:`score_chunk`), only tracked here."""
+def evaluate_round(ctx: RoundContext, ensemble_dir: Path, scans: dict[str, dict], rows: list[dict] | None = None
+                   ) -> dict[str, float]:
+    """Score the ensemble on the test scans; writes the per-case table to the round's folder
+    (``test_metrics.csv``), logs it (``test/per_case.csv``) and the means (``test/dsc``, ``test/hd``,
+    ``test/nsd``, ``test/rvd``) to the round's run; returns the means. ``rows``: the per-scan rows
+    already scored elsewhere (:func:`score_chunk`), only tracked here."""
     if not scans:
         log.warning("no test scans: nothing to evaluate")
         return {}
     t0 = time.perf_counter()
     if rows is None:
-        table, means = _score(load_ensemble(Path(ensemble_dir), device=device, inference=inference), scans, cache,
-                              overlap, tta, nsd_tolerance_mm)
+        table, means = _score(load_ensemble(Path(ensemble_dir), device=ctx.device, inference=ctx.inference), scans,
+                              ctx.cache, **ctx.evaluate)
     else:  # scored side by side (score_chunk): the same table, in the same order
         table = pd.DataFrame(rows).sort_values("scan_id", kind="stable").reset_index(drop=True)
         means = means_of(table)
-    atomic_write(Path(out_csv), lambda tmp: table.to_csv(tmp, index=False))
-    client = tracking.client_for(tracking_uri)
+    atomic_write(ctx.dir / "test_metrics.csv", lambda tmp: table.to_csv(tmp, index=False))
+    client, run_id = tracking.client_for(ctx.tracking_uri), ctx.run_id
     tracking.log_table(client, run_id, table, "test/per_case.csv")
     test_set = [{"scan_id": s, "image_hash": c.get("image_hash", ""), "label_hash": c.get("label_hash", ""),
                  "label_source": "annotation"} for s, c in scans.items()]
-    source = str(Path(data_root).resolve()) if data_root else ""
-    tracking.log_datasets(client, run_id, {"test": test_set}, source=source)
+    tracking.log_datasets(client, run_id, {"test": test_set}, source=str(ctx.data_root.resolve()))
     report = {f"test/{k}": v for k, v in means.items()} | {"test/seconds": time.perf_counter() - t0}
-    tracking.log_metrics(client, run_id, report, step)
+    tracking.log_metrics(client, run_id, report, ctx.round)
     log.info("test: %s over %d case(s)", ", ".join(f"{k.upper()} {means[k]:.4f}" for k in ("dsc", "hd", "nsd", "rvd")
                                                   if k in means), means.get("n_cases", 0))
     return report

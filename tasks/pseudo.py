@@ -18,8 +18,8 @@ from data_catalog.scans import read_image
 from data_catalog.selection import SelectionRule, select_pseudo_labels
 from tasks import tracking
 from tasks.compute import worker_device
+from tasks.context import RoundContext
 from tasks.progress import progress
-from viola_models.backends import InferenceSettings
 from viola_models.ensemble import load_ensemble
 from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
 
@@ -27,17 +27,17 @@ log = logging.getLogger(__name__)
 
 
 @task(name="label-scans")
-def label_chunk(teacher_dir: Path, teacher_run_id: str, scans: dict[str, dict], out_dir: Path, cache: Path,
-                overlap: float = 0.5, tta: bool = False, device: str = "auto", threads: int | None = None,
-                inference: InferenceSettings | None = None, ignore_band: tuple[float, float] | None = None) -> int:
-    """Segment a share of the unlabelled scans with the teacher on this worker (masks and records in
-    ``out_dir``, which :func:`pseudo_label` reads back instead of predicting again). Nothing is
-    tracked here; returns how many scans have a mask."""
-    dev = worker_device(device, threads)
+def label_chunk(ctx: RoundContext, scans: dict[str, dict], threads: int | None = None) -> int:
+    """Segment a share of the unlabelled scans with the round's teacher on this worker (masks and
+    records in the round's ``pseudo`` folder, which :func:`pseudo_label` reads back instead of
+    predicting again). Nothing is tracked here; returns how many scans have a mask."""
+    dev, p = worker_device(ctx.settings.device, threads), ctx.settings.pseudo
+    teacher_dir = Path(ctx.plan.teacher_dir)
     with progress("pseudo-label", len(scans), log, unit="scans") as bar:
-        table = label_scans(lambda: load_ensemble(Path(teacher_dir), device=dev, inference=inference), scans,
-                            Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta,
-                            on_scan=lambda i, n, row: bar.update(i, row.get("scan_id", "")), ignore_band=ignore_band)
+        table = label_scans(lambda: load_ensemble(teacher_dir, device=dev, inference=ctx.inference), scans,
+                            ctx.dir / "pseudo", ctx.plan.teacher_run_id, cache_dir=ctx.cache, overlap=p.overlap,
+                            tta=p.tta, on_scan=lambda i, n, row: bar.update(i, row.get("scan_id", "")),
+                            ignore_band=p.ignore_band)
     return int((table.get("error", pd.Series(dtype=str)) == "").sum()) if len(table) else 0
 
 
@@ -49,51 +49,38 @@ def chunks(scans: dict[str, dict], n: int) -> list[dict[str, dict]]:
 
 
 @task(name="pseudo-label")
-def pseudo_label(
-    round_: int,
-    teacher_dir: Path,
-    teacher_run_id: str,
-    scans: dict[str, dict],
-    out_dir: Path,
-    data_root: Path,
-    cache: Path,
-    rule: SelectionRule,
-    tracking_uri: str,
-    run_id: str,
-    overlap: float = 0.5,
-    tta: bool = False,
-    device: str = "cpu",
-    n_overlays: int = 4,
-    weight_by_predicted_dice: bool = False,
-    inference: InferenceSettings | None = None,
-    ignore_band: tuple[float, float] | None = None,
-) -> list[dict]:
-    """Label, select, record. Returns the selected pseudo-labels as training pairs:
-    [{"scan_id", "image", "image_hash", "label", "label_hash", "weight"}]; ``weight`` is the
-    predicted Dice with ``weight_by_predicted_dice``, else 1. With ``ignore_band`` each pair also
-    names the map of its uncertain voxels ("ignore", "ignore_hash"), left out of the student's loss."""
+def pseudo_label(ctx: RoundContext, scans: dict[str, dict]) -> list[dict]:
+    """Label ``scans`` with the round's teacher (``ctx.plan.teacher_dir``), select by the profile's
+    rule, record the decisions in the catalog's lineage and the round's run. Returns the selected
+    pseudo-labels as training pairs: [{"scan_id", "image", "image_hash", "label", "label_hash",
+    "weight"}]; ``weight`` is the predicted Dice when the student weighs by it (``[student]
+    pseudo_weight``), else 1. With an ``ignore_band`` each pair also names the map of its uncertain
+    voxels ("ignore", "ignore_hash"), left out of the student's loss."""
+    p, round_, out_dir = ctx.settings.pseudo, ctx.round, ctx.dir / "pseudo"
+    rule, ignore_band = p.rule, p.ignore_band
+    teacher_dir = Path(ctx.plan.teacher_dir)
     t0 = time.perf_counter()
     teacher: list = []
 
     def load():
-        teacher.append(load_ensemble(Path(teacher_dir), device=device, inference=inference))
+        teacher.append(load_ensemble(teacher_dir, device=ctx.device, inference=ctx.inference))
         return teacher[0]
 
-    table = label_scans(load, scans, Path(out_dir), teacher_run_id, cache_dir=Path(cache), overlap=overlap, tta=tta,
-                        ignore_band=ignore_band)
+    table = label_scans(load, scans, out_dir, ctx.plan.teacher_run_id, cache_dir=ctx.cache, overlap=p.overlap,
+                        tta=p.tta, ignore_band=ignore_band)
     if not len(table):
         return []
     # the calibration travels with the teacher: refitted here for the rule's score and minimum
-    manifest_teacher = teacher[0] if teacher else load_ensemble(Path(teacher_dir), device="cpu")
+    manifest_teacher = teacher[0] if teacher else load_ensemble(teacher_dir, device="cpu")
     calibration = manifest_teacher.calibration_for(rule.score, rule.calibration_prior_weight)
     decided = select_pseudo_labels(table, rule, calibration)
-    root = Path(data_root)
+    root = ctx.data_root
     truth = catalog.has_truth(root)
     if truth:
         decided = with_true_dice(decided, root / catalog.TRUTH_DIR)
     catalog.record_pseudo_labels(root, [_lineage_row(r, round_, root) for r in decided.to_dict("records")])
 
-    client = tracking.client_for(tracking_uri)
+    client, run_id = tracking.client_for(ctx.tracking_uri), ctx.run_id
     shown = decided.drop(columns=[c for c in ("image", "image_hash") if c in decided])
     tracking.log_table(client, run_id, shown.assign(members=shown["members"].map(json.dumps)),
                        "pseudo/pseudo_labels.csv")
@@ -110,13 +97,14 @@ def pseudo_label(
         metrics["pseudo/uncertain_ml_selected"] = float(selected["uncertain_ml"].mean())
     tracking.log_metrics(client, run_id, metrics, round_)
     tracking.set_tags(client, run_id, {"viola.pseudo_rule": decided["rule"].iloc[0][:5000]})
-    _log_figures(client, run_id, decided, Path(out_dir), n_overlays, manifest_teacher, calibration, rule, truth)
+    _log_figures(client, run_id, decided, out_dir, p.overlays, (manifest_teacher, calibration, rule), truth)
     log.info("pseudo-labels of round %d: %d of %d selected (%s)%s", round_, len(selected), len(decided),
              decided["rule"].iloc[0], f"; true Dice of the selected {metrics['pseudo/true_dice_selected']:.3f}, "
              f"of the rejected {metrics['pseudo/true_dice_rejected']:.3f}" if truth else "")
     return [{"scan_id": r.scan_id, "image": r.image, "image_hash": r.image_hash, "label": r.mask_path,
              "label_hash": r.mask_hash,
-             "weight": _weight(r.predicted_dice, rule) if weight_by_predicted_dice else 1.0,
+             "weight": _weight(r.predicted_dice, rule) if ctx.settings.student.pseudo_weight == "predicted_dice"
+             else 1.0,
              **({"ignore": r.uncertain_path, "ignore_hash": r.uncertain_hash} if ignore_band is not None else {})}
             for r in selected.itertuples()]
 
@@ -133,10 +121,11 @@ def _lineage_row(r: dict, round_: int, root: Path) -> dict:
             "mask_path": rel}
 
 
-def _log_figures(client, run_id: str, decided: pd.DataFrame, out_dir: Path, n: int, teacher, calibration,
-                 rule: SelectionRule, truth: bool) -> None:
-    """The calibration the selection used, and PNG overlays (the paper's Fig. 1 view) of the best
-    selected and the worst rejected scans."""
+def _log_figures(client, run_id: str, decided: pd.DataFrame, out_dir: Path, n: int, selection: tuple,
+                 truth: bool) -> None:
+    """The calibration the selection used (``selection``: the teacher, its calibration and the
+    rule), and PNG overlays (the paper's Fig. 1 view) of the best selected and the worst rejected scans."""
+    teacher, calibration, rule = selection
     png = calibration_png(teacher.calibration_points if teacher.calibration_points is not None
                           else pd.DataFrame(columns=[rule.score, "true_dice"]), calibration,
                           out_dir / "calibration.png", unlabelled=decided if truth else None,

@@ -19,7 +19,7 @@ import mlflow
 from prefect import task
 
 from tasks import tracking
-from viola_models.backends import InferenceSettings
+from tasks.context import RoundContext
 from viola_models.ensemble import load_ensemble
 from viola_models.evaluation import evaluate_scans
 
@@ -33,14 +33,14 @@ def _dsc(tags: dict) -> float:
         return math.nan
 
 
-def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evaluate: dict, device: str,
-             test_set_hash: str, inference: InferenceSettings | None = None) -> float:
+def _rescore(ctx: RoundContext, client, champion, scans: dict, test_set_hash: str) -> float:
     """Score the champion's ensemble on the current test set and record it on its version."""
+    model_name = ctx.settings.tracking.registered_model
     folder = tracking.download_ensemble(f"models:/{model_name}/{champion.version}", client.tracking_uri)
     # the champion may preprocess otherwise than this round: its cases are looked up by its own settings
     plain = {k: {f: v for f, v in scan.items() if f != "cache"} for k, scan in scans.items()}
-    ensemble = load_ensemble(folder, device=device, inference=inference)
-    _, means = evaluate_scans(ensemble, plain, cache_dir=cache, **evaluate)
+    ensemble = load_ensemble(folder, device=ctx.device, inference=ctx.inference)
+    _, means = evaluate_scans(ensemble, plain, cache_dir=ctx.cache, **ctx.evaluate)
     dsc = float(means.get("dsc", math.nan))
     for key, value in {"test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash,
                        "rescored_at": datetime.now(UTC).isoformat(timespec="seconds")}.items():
@@ -50,14 +50,14 @@ def _rescore(client, model_name: str, champion, scans: dict, cache: Path, evalua
 
 
 @task(name="register-ensemble")
-def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, run_id: str, round_: int,
-                      test_dsc: float | None, test_set_hash: str, test_scans: dict, cache: Path,
-                      evaluate: dict, device: str = "cpu", inference: InferenceSettings | None = None) -> dict:
+def register_ensemble(ctx: RoundContext, ensemble_dir: Path, test_dsc: float | None, test_set_hash: str,
+                      test_scans: dict) -> dict:
     """Log the ensemble folder as the round run's ``ensemble`` artifact (its manifest and
-    calibration: each member's checkpoint is stored once, on the member's run), register it, and
-    decide the champion. ``evaluate``: keyword settings of ``evaluate_scans`` (overlap, tta, nsd_tolerance_mm),
-    used when the champion must be scored again on ``test_scans``."""
-    client = tracking.client_for(tracking_uri)
+    calibration: each member's checkpoint is stored once, on the member's run), register it as a
+    version of ``[tracking] registered_model``, and decide the champion; the champion is scored
+    again on ``test_scans`` when its score is of another test set."""
+    model_name, run_id, round_ = ctx.settings.tracking.registered_model, ctx.run_id, ctx.round
+    client = tracking.client_for(ctx.tracking_uri)
     if not client.list_artifacts(run_id, "ensemble"):
         tracking.log_ensemble(client, run_id, Path(ensemble_dir))
     source = f"{client.get_run(run_id).info.artifact_uri}/ensemble"
@@ -81,8 +81,7 @@ def register_ensemble(ensemble_dir: Path, model_name: str, tracking_uri: str, ru
         champ_dsc = _dsc(champion.tags)
         rescored = champion.tags.get("test_set_hash") != test_set_hash
         if rescored:
-            champ_dsc = _rescore(client, model_name, champion, test_scans, Path(cache), evaluate, device,
-                                 test_set_hash, inference)
+            champ_dsc = _rescore(ctx, client, champion, test_scans, test_set_hash)
         where = f"on test set {test_set_hash}" + (" (champion re-scored)" if rescored else "")
         promote = math.isnan(champ_dsc) or dsc >= champ_dsc
         reason = (f"DSC {dsc:.4f} {'>=' if promote else '<'} champion v{champion.version}'s {champ_dsc:.4f} "

@@ -380,15 +380,17 @@ class RoundPlan:
 
 
 @task(name="plan-round")
-def plan_round(work_dir: Path, arm: str, round_: int | None, catalog_hash: str, profile_hash: str,
-               skip_unchanged: bool = True, force: bool = False) -> RoundPlan:
+def plan_round(work_dir: Path, arm: str, round_: int | None, inputs: tuple[str, str], skip_unchanged: bool = True,
+               force: bool = False) -> RoundPlan:
     """Decide what ``arm`` of round ``round_`` (None: the next self-training round) starts from,
     and whether it runs at all.
 
     A self-training round r >= 2 that has not started is skipped when nothing changed since round
-    r-1 made its pseudo-labels: the same catalog (so no new unlabelled scan) and the same profile.
-    ``force`` runs it anyway. A sibling arm needs its self-training round finished.
+    r-1 made its pseudo-labels: the same ``inputs`` (catalog hash, profile hash: so no new
+    unlabelled scan and the same settings). ``force`` runs it anyway. A sibling arm needs its
+    self-training round finished.
     """
+    catalog_hash, profile_hash = inputs
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
     work_dir = Path(work_dir)

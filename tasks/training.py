@@ -16,8 +16,9 @@ from prefect import task
 from data_catalog.scans import atomic_write
 from tasks import tracking
 from tasks.compute import worker_device
+from tasks.context import RoundContext
 from tasks.progress import progress
-from viola_models.training import TrainCallbacks, TrainSettings, fit, fit_digest
+from viola_models.training import TrainCallbacks, fit, fit_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,17 @@ def member_datasets(scans: dict[str, dict], labelled: dict[str, str], folds: dic
             "validation": [row(s) for s in ids if folds[s] == fold]}
 
 
-def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, pseudo: list[dict],
-                 init_ensemble_dir: str | None, round_dir: Path, scans: dict[str, dict] | None = None) -> list[dict]:
-    """Every member of a round (architecture x fold of ``settings``, a ``PipelineSettings``) as the
-    keyword arguments of :func:`train_member` that depend on the member; the fold's items come
-    from ``data_catalog.catalog.fold_items`` (labelled scans of the other folds + ``pseudo``).
-    ``scans`` ({scan_id: {"image_hash", "label_hash"}} of the labelled scans) adds each member's
-    scan sets for its run's dataset inputs (``spec["datasets"]``)."""
+def plan_members(ctx: RoundContext, labelled: dict[str, str], folds: dict, pseudo: list[dict],
+                 scans: dict[str, dict] | None = None) -> list[dict]:
+    """Every member of the round (architecture x fold of the profile) as the job :func:`train_member`
+    runs: spec, train settings, folder and final labelled-only settings. The fold's items come from
+    ``data_catalog.catalog.fold_items`` (labelled scans of the other folds + ``pseudo``); students
+    start from the members of ``ctx.plan.init_ensemble_dir``. ``scans`` ({scan_id: {"image_hash",
+    "label_hash"}} of the labelled scans) adds each member's scan sets for its run's dataset inputs
+    (``spec["datasets"]``)."""
     from data_catalog.catalog import fold_items
 
+    settings, round_, init_ensemble_dir = ctx.settings, ctx.round, ctx.plan.init_ensemble_dir
     fold_ids = settings.members.folds if settings.members.folds is not None else range(settings.data.n_folds)
     jobs = []
     for fold in fold_ids:
@@ -89,7 +92,7 @@ def plan_members(settings, round_: int, labelled: dict[str, str], folds: dict, p
                 spec["datasets"] = member_datasets(scans, labelled, folds, fold, pseudo)
                 spec["data_root"] = str(Path(settings.data.root).resolve())
             jobs.append({"spec": spec, "settings": settings.train_settings(round_, arch, fold),
-                         "out_dir": Path(round_dir) / "members" / name,
+                         "out_dir": ctx.dir / "members" / name,
                          "final_settings": settings.labelled_only_settings(round_, arch, fold)})
     return jobs
 
@@ -102,11 +105,12 @@ def fold_groups(jobs: list[dict], members: list[dict]) -> list[tuple[str, list[s
              next(job["spec"]["val"] for job in jobs if job["spec"]["fold"] == fold)) for fold in folds]
 
 
-def _member_run(client, experiment_id: str, parent_run_id: str, out_dir: Path, name: str, tags: dict,
-                digest: str) -> str:
-    """The member's MLflow child run: the one a crashed attempt left when it trained on the same
-    inputs (same digest), else a new one; a run for other inputs is ended as KILLED and marked
-    superseded, so the round's children are exactly its members."""
+def _member_run(client, parent: tuple[str, str], out_dir: Path, name: str, tags: dict, digest: str) -> str:
+    """The member's MLflow child run of ``parent`` (experiment id, the round's run id): the one a
+    crashed attempt left when it trained on the same inputs (same digest), else a new one; a run for
+    other inputs is ended as KILLED and marked superseded, so the round's children are exactly its
+    members."""
+    experiment_id, parent_run_id = parent
     id_file = out_dir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if tracking.run_exists(client, run_id):
@@ -122,27 +126,20 @@ def _member_run(client, experiment_id: str, parent_run_id: str, out_dir: Path, n
 
 
 @task(name="train-member")
-def train_member(
-    spec: dict,
-    settings: TrainSettings,
-    out_dir: Path,
-    tracking_uri: str,
-    experiment_id: str,
-    parent_run_id: str,
-    round_: int,
-    final_settings: TrainSettings | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-) -> dict:
-    """Train (or resume, or reuse) one member in ``out_dir`` and mirror it in an MLflow child run.
+def train_member(ctx: RoundContext, job: dict, threads: int | None = None) -> dict:
+    """Train (or resume, or reuse) one member in ``job["out_dir"]`` and mirror it in an MLflow child
+    run of the round's run.
 
-    ``spec``: name, fold, train (cached cases), weights (their loss weights), val, labelled (the
-    training cases that are not pseudo-labels), init (a member checkpoint to fine-tune, or None).
-    ``final_settings``: a last fine-tune on ``labelled`` alone, in ``out_dir/labelled_only``.
-    ``device`` is resolved here (``auto``: the GPU Ray gave this worker, if any); ``threads``: torch's
-    intra-op threads in this process.
+    ``job`` (one of :func:`plan_members`): ``spec`` (name, fold, train (cached cases), weights (their
+    loss weights), val, labelled (the training cases that are not pseudo-labels), init (a member
+    checkpoint to fine-tune, or None)), ``settings`` (its ``TrainSettings``), ``out_dir`` and
+    ``final_settings`` (a last fine-tune on ``labelled`` alone, in ``out_dir/labelled_only``, or
+    None). The device (``[device]``; ``auto``: the GPU Ray gave this worker, if any) is resolved
+    here; ``threads``: torch's intra-op threads in this process.
     """
-    out_dir = Path(out_dir)
+    spec, settings, out_dir, final_settings = job["spec"], job["settings"], Path(job["out_dir"]), job.get(
+        "final_settings")
+    round_ = ctx.round
     train, val = [Path(p) for p in spec["train"]], [Path(p) for p in spec["val"]]
     weights, pseudo = spec.get("weights"), spec.get("pseudo")
     init = Path(spec["init"]) if spec.get("init") else None
@@ -152,12 +149,12 @@ def train_member(
                                       "must see the data root and its work folder by the same path (a shared "
                                       "filesystem)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = worker_device(device, threads)
+    device = worker_device(ctx.settings.device, threads)
     digest = fit_digest(train, val, settings, init, weights, pseudo)
     if final_settings is not None:
         digest += f"+{final_settings.model_dump_json()}"
-    client = tracking.client_for(tracking_uri)
-    run_id = _member_run(client, experiment_id, parent_run_id, out_dir, spec["name"],
+    client = tracking.client_for(ctx.tracking_uri)
+    run_id = _member_run(client, (ctx.experiment_id, ctx.run_id), out_dir, spec["name"],
                          {"viola.kind": "member", "viola.round": round_, "viola.fold": spec["fold"],
                           "viola.architecture": settings.model}, digest)
     n_pseudo = len(train) - len(spec.get("labelled", train))

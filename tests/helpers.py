@@ -74,3 +74,18 @@ def store_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def round_context(tmp_path: Path, tracking_uri: str = "sqlite:///unused", run_id: str = "", round_: int = 0,
+                  overrides: dict | None = None, settings=None, **plan):
+    """A ``tasks.context.RoundContext`` of ``settings`` (default: the ``tiny`` profile with
+    ``overrides``) for one task called on its own: the arm's folder is ``tmp_path/round``, the cache
+    ``tmp_path/cache``; ``plan``: other fields of its ``RoundPlan`` (``teacher_dir``, ``init_ensemble_dir``, ...)."""
+    from flows.profiles import load_profile
+    from tasks.context import RoundContext
+    from tasks.rounds import RoundPlan
+
+    settings = settings or load_profile("tiny", tmp_path / "data", overrides)
+    state = {"run_id": run_id, "experiment_id": plan.pop("experiment_id", "0")}
+    arm = RoundPlan(round=round_, arm="self-training", dir=str(tmp_path / "round"), state=state, **plan)
+    return RoundContext(settings, arm, tracking_uri, "cpu", tmp_path / "cache")

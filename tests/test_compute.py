@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flows.profiles import ProfileError, load_profile
-from tests.helpers import store_client
+from tests.helpers import round_context, store_client
 
 ROUNDS = Path("viola_work") / "rounds"
 
@@ -70,7 +70,8 @@ def test_a_worker_that_cannot_see_the_data_says_which_path_and_is_not_retried(tm
     spec = {"name": "viola_tiny-fold0", "fold": 0, "train": [str(tmp_path / "gone.npz")], "val": [],
             "labelled": [], "init": None}
     with pytest.raises(WorkerCannotSeeData, match=r"viola_tiny-fold0 on .*: cannot read .*gone\.npz; every worker"):
-        train_member.fn(spec, TrainSettings(model="viola_tiny"), tmp_path / "m", "sqlite:///unused", "0", "", 0)
+        train_member.fn(round_context(tmp_path), {"spec": spec, "settings": TrainSettings(model="viola_tiny"),
+                                                  "out_dir": tmp_path / "m"})
     assert not (tmp_path / "m").exists()
 
     class State:
@@ -260,7 +261,7 @@ def test_pseudo_labels_made_on_ray_are_those_made_here(ensemble_dir, prefect_api
 
     from data_catalog.scans import file_sha256
     from flows.self_training import label_unlabelled
-    from tasks.compute import ComputeSettings, task_runner
+    from tasks.compute import task_runner
     from tests.helpers import head_volume, write_nifti
     from viola_models.ensemble import load_ensemble
     from viola_models.pseudo_labels import label_scans
@@ -278,14 +279,15 @@ def test_pseudo_labels_made_on_ray_are_those_made_here(ensemble_dir, prefect_api
                            cache_dir=tmp_path / "cache", overlap=0.25).set_index("scan_id")
     finally:
         torch.set_num_threads(threads)
-    compute = ComputeSettings(runner="ray", torch_threads=1)
-    runner = label_unlabelled.with_options(task_runner=task_runner(compute, "sqlite:///unused"))
-    assert runner(ensemble_dir, "teacher", scans, tmp_path / "ray", tmp_path / "cache", 0.25, False, compute,
-                  "cpu") == 3
+    ctx = round_context(tmp_path, round_=1, teacher_dir=str(ensemble_dir), teacher_run_id="teacher",
+                        overrides={"compute": {"runner": "ray", "torch_threads": 1}, "pseudo": {"overlap": 0.25}})
+    runner = label_unlabelled.with_options(task_runner=task_runner(ctx.settings.compute, "sqlite:///unused"))
+    assert runner(ctx, scans) == 3
+    on_ray = ctx.dir / "pseudo"
     read_back = label_scans(lambda: pytest.fail("every scan should have been labelled on Ray"), scans,
-                            tmp_path / "ray", "teacher").set_index("scan_id")
+                            on_ray, "teacher").set_index("scan_id")
     for scan_id in scans:
-        a, b = (nib.load(d / f"{scan_id}.nii.gz").get_fdata() for d in (tmp_path / "here", tmp_path / "ray"))
+        a, b = (nib.load(d / f"{scan_id}.nii.gz").get_fdata() for d in (tmp_path / "here", on_ray))
         assert np.array_equal(a, b) and a.any(), scan_id
         for score in ("agreement", "union_agreement", "mean_max_probability", "volume_ml"):
             assert read_back.loc[scan_id, score] == pytest.approx(here.loc[scan_id, score], abs=1e-6), (scan_id, score)

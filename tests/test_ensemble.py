@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_catalog.selection import Calibration
-from tests.helpers import head_volume, store_client, write_nifti
+from tests.helpers import head_volume, round_context, store_client, write_nifti
 from viola_models.ensemble import EnsembleError, load_ensemble, read_manifest, write_ensemble
 
 
@@ -75,17 +76,22 @@ def test_the_champion_moves_only_on_the_same_test_set(ensemble_dir, tmp_path):
     runs = [tracking.create_run(client, exp, f"round {i}", tags={}) for i in range(3)]
     old_set = _scans(tmp_path, "old", [1])
     new_set = _scans(tmp_path, "new", [2, 3])
-    kw = {"cache": tmp_path / "cache", "evaluate": {"overlap": 0.25}}
-    first = register_ensemble.fn(ensemble_dir, "m", uri, runs[0], 0, 0.90, "setA", old_set, **kw)
+    ctx = round_context(tmp_path, uri, overrides={"tracking": {"registered_model": "m"}, "evaluate": {"overlap": 0.25}})
+
+    def register(round_: int, dsc: float, test_set: str, scans: dict) -> dict:
+        return register_ensemble.fn(replace(ctx, plan=replace(ctx.plan, round=round_, state={"run_id": runs[round_]})),
+                                    ensemble_dir, dsc, test_set, scans)
+
+    first = register(0, 0.90, "setA", old_set)
     assert first["champion"] and first["reason"] == "first version"
     # same test set, lower DSC: the champion stays, and the version says why
-    second = register_ensemble.fn(ensemble_dir, "m", uri, runs[1], 1, 0.80, "setA", old_set, **kw)
+    second = register(1, 0.80, "setA", old_set)
     assert not second["champion"]
     v2 = client.get_model_version("m", second["version"])
     assert v2.tags["champion_decision"] == "kept" and "< champion v1's 0.9000 on test set setA" in v2.tags[
         "champion_reason"]
     # another test set: the champion's 0.90 on set A is not comparable; it is scored on set B first
-    third = register_ensemble.fn(ensemble_dir, "m", uri, runs[2], 2, 0.50, "setB", new_set, **kw)
+    third = register(2, 0.50, "setB", new_set)
     v1 = client.get_model_version("m", "1")
     assert v1.tags["test_set_hash"] == "setB" and "rescored_at" in v1.tags
     rescored = float(v1.tags["test_dsc"])

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import head_volume, write_nifti
+from tests.helpers import head_volume, round_context, write_nifti
 from viola_models.ensemble import load_ensemble, read_manifest, write_ensemble
 from viola_models.segment import segment_scan
 
@@ -34,8 +34,8 @@ def registered(ensemble_dir, tmp_path) -> str:
         members.append({"name": m["name"], "checkpoint": ck, "run_id": run})
     folder = tmp_path / "round" / "ensemble"
     write_ensemble(folder, members, load_ensemble(ensemble_dir).preprocess)
-    res = register_ensemble.fn(folder, "m", uri, round_run, 0, 0.5, "set", {}, cache=tmp_path / "cache",
-                               evaluate={"overlap": 0.25})
+    ctx = round_context(tmp_path, uri, round_run, overrides={"tracking": {"registered_model": "m"}})
+    res = register_ensemble.fn(ctx, folder, 0.5, "set", {})
     assert res["champion"]
     return uri
 

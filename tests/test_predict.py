@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from data_catalog.preprocessing import preprocess_arrays
 from data_catalog.scans import file_sha256
 from tests.conftest import PRE
-from tests.helpers import head_volume, write_nifti
+from tests.helpers import head_volume, round_context, write_nifti
 from viola_models import segment
 from viola_models.ensemble import load_ensemble
 from viola_models.sliding_window import EnsembleOutput
@@ -138,7 +138,8 @@ def test_cli_predict_uses_the_registry_champion_by_default(ensemble_dir, scans, 
     (tmp_path / "store").mkdir()
     client = tracking.client_for(uri)
     run_id = tracking.create_run(client, tracking.experiment_id(client, "e"), "round 0", tags={})
-    register_ensemble.fn(ensemble_dir, "viola-ich-demo", uri, run_id, 0, 0.5, "t0", {}, tmp_path / "cache", {})
+    ctx = round_context(tmp_path, uri, run_id, overrides={"tracking": {"registered_model": "viola-ich-demo"}})
+    register_ensemble.fn(ctx, ensemble_dir, 0.5, "t0", {})
     mlflow_default = tmp_path / "mlflow.db"
     res = CliRunner().invoke(app, ["predict", str(scans), str(tmp_path / "out"), "--tracking-uri", uri,
                                    "--device", "cpu", "--allow-rejected"])

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.profiles import ProfileError, load_profile
-from tests.helpers import head_volume, write_nifti
+from tests.helpers import head_volume, round_context, write_nifti
 from viola_models.configs import build_model
 from viola_models.ensemble import EnsembleError, initial_member, load_member, read_manifest
 from viola_models.reference import (
@@ -140,12 +140,12 @@ def test_round_zero_starts_from_the_imported_members(published, tmp_path):
 
     labelled = {f"s{i}": str(tmp_path / f"s{i}.pt") for i in range(4)}
     folds = {s: i % 2 for i, s in enumerate(labelled)}
-    jobs = plan_members(settings, 0, labelled, folds, [], None, tmp_path / "round")
+    jobs = plan_members(round_context(tmp_path, settings=settings), labelled, folds, [])
     assert {j["spec"]["name"]: Path(j["spec"]["init"]).parent.name for j in jobs if j["spec"]["fold"] == 1} == {
         "viola_l-fold1": "viola_l-fold0", "nnunet_r-fold1": "nnunet_r-fold0"}
     # round 1 starts from round 0's members, as before
-    assert all(j["spec"]["init"] is None for j in plan_members(settings, 1, labelled, folds, [], str(tmp_path / "no"),
-                                                              tmp_path / "round1"))
+    round1 = round_context(tmp_path, round_=1, settings=settings, init_ensemble_dir=str(tmp_path / "no"))
+    assert all(j["spec"]["init"] is None for j in plan_members(round1, labelled, folds, []))
 
     profile.write_text(f'[members]\narchitectures = ["viola_l", "viola_s"]\ninit = {json.dumps(str(ens))}\n')
     with pytest.raises(ProfileError, match=r"members.init: .* no viola_s member"):

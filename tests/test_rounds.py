@@ -20,40 +20,40 @@ def test_arms_branch_at_round_zero_and_continue_their_own_chain(tmp_path):
     work = tmp_path / "work"
     assert next_round(work) == 0
     _finish(work, 0)
-    first = plan_round.fn(work, "self-training", None, "c1", "p1")
+    first = plan_round.fn(work, "self-training", None, ("c1", "p1"))
     assert first.round == 1 and first.teacher_dir.endswith("round_000/ensemble")
     assert first.teacher_run_id == "run-0-self-training"
     _finish(work, 1)
-    control = plan_round.fn(work, "control", 1, "c1", "p1")
+    control = plan_round.fn(work, "control", 1, ("c1", "p1"))
     # control 1 starts where round 1 started (round 0), and is tagged as round 1's sibling
     assert control.init_ensemble_dir.endswith("round_000/ensemble") and control.dir.endswith("round_001-control")
     assert control.self_training_run_id == "run-1-self-training" and not control.skip_reason
     _finish(work, 1, "control")
     _finish(work, 2)
     # control 2 continues the control chain: labelled-only training with the compute of rounds 1 and 2
-    assert plan_round.fn(work, "control", 2, "c1", "p1").init_ensemble_dir.endswith("round_001-control/ensemble")
+    assert plan_round.fn(work, "control", 2, ("c1", "p1")).init_ensemble_dir.endswith("round_001-control/ensemble")
     # an oracle without its own round 1 starts from self-training round 1
-    assert plan_round.fn(work, "oracle", 2, "c1", "p1").init_ensemble_dir.endswith("round_001/ensemble")
-    assert "round 0 has no control" in plan_round.fn(work, "control", 0, "c1", "p1").skip_reason
-    assert "not finished" in plan_round.fn(work, "control", 3, "c1", "p1").skip_reason
+    assert plan_round.fn(work, "oracle", 2, ("c1", "p1")).init_ensemble_dir.endswith("round_001/ensemble")
+    assert "round 0 has no control" in plan_round.fn(work, "control", 0, ("c1", "p1")).skip_reason
+    assert "not finished" in plan_round.fn(work, "control", 3, ("c1", "p1")).skip_reason
     with pytest.raises(ValueError, match="unknown arm"):
-        plan_round.fn(work, "placebo", 1, "c1", "p1")
+        plan_round.fn(work, "placebo", 1, ("c1", "p1"))
 
 
 def test_an_idle_round_is_skipped_unless_forced_or_resumed(tmp_path):
     work = tmp_path / "work"
     _finish(work, 0)
-    assert not plan_round.fn(work, "self-training", None, "c1", "p1").skip_reason  # round 1: the first pseudo-labels
+    assert not plan_round.fn(work, "self-training", None, ("c1", "p1")).skip_reason  # round 1: the first pseudo-labels
     _finish(work, 1)
-    idle = plan_round.fn(work, "self-training", None, "c1", "p1")
+    idle = plan_round.fn(work, "self-training", None, ("c1", "p1"))
     assert idle.round == 2 and idle.skip_reason.startswith("round 2 skipped: nothing new since round 1")
     assert "--force" in idle.skip_reason
-    assert not plan_round.fn(work, "self-training", None, "c1", "p1", force=True).skip_reason
-    assert not plan_round.fn(work, "self-training", None, "c2", "p1").skip_reason  # new unlabelled scans
-    assert not plan_round.fn(work, "self-training", None, "c1", "p2").skip_reason  # another profile
-    assert not plan_round.fn(work, "self-training", None, "c1", "p1", skip_unchanged=False).skip_reason
+    assert not plan_round.fn(work, "self-training", None, ("c1", "p1"), force=True).skip_reason
+    assert not plan_round.fn(work, "self-training", None, ("c2", "p1")).skip_reason  # new unlabelled scans
+    assert not plan_round.fn(work, "self-training", None, ("c1", "p2")).skip_reason  # another profile
+    assert not plan_round.fn(work, "self-training", None, ("c1", "p1"), skip_unchanged=False).skip_reason
     write_state(arm_dir(work, 2), {"status": "running", "run_id": "r2"})  # a crashed round 2 always resumes
-    assert not plan_round.fn(work, "self-training", None, "c1", "p1").skip_reason
+    assert not plan_round.fn(work, "self-training", None, ("c1", "p1")).skip_reason
     assert read_state(arm_dir(work, 2))["run_id"] == "r2"
 
 
@@ -194,11 +194,11 @@ def test_the_round_guard_keeps_the_teacher_when_validation_falls(tmp_path):
     write_state(arm_dir(work, 1), {"status": "finished", "run_id": "run-1-self-training", **fell})
     # round 2 learns from round 0's pseudo-labels and starts from round 0's members; its control
     # still continues the control chain
-    two = plan_round.fn(work, "self-training", 2, "c1", "p1", force=True)
+    two = plan_round.fn(work, "self-training", 2, ("c1", "p1"), force=True)
     assert two.teacher_round == 0 and two.teacher_dir.endswith("round_000/ensemble")
     assert two.teacher_run_id == "run-0-self-training" and two.init_ensemble_dir.endswith("round_000/ensemble")
     _finish(work, 1, "control")
-    assert plan_round.fn(work, "control", 2, "c1", "p1").init_ensemble_dir.endswith("round_001-control/ensemble")
+    assert plan_round.fn(work, "control", 2, ("c1", "p1")).init_ensemble_dir.endswith("round_001-control/ensemble")
     # round 2 improves on its teacher (round 0): it teaches round 3
     rose = round_guard(2, 0.65, 0, 0.60)
     assert rose["teaches"] is True and rose["teacher_round"] == 0

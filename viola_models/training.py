@@ -511,6 +511,155 @@ def fit_digest(train_items: Sequence[Path], val_items: Sequence[Path], settings:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _finished(out_dir: Path, digest: str) -> FitResult | None:
+    """The result of a member already trained in ``out_dir`` on the same inputs (``digest``); a
+    result of other inputs is removed."""
+    done_file = out_dir / "result.json"
+    if not done_file.exists():
+        return None
+    done = json.loads(done_file.read_text())
+    if done.get("digest") != digest:
+        done_file.unlink()
+        return None
+    log.info("%s: already trained (best Dice %.4f at step %d)", out_dir.name, done["best_dice"], done["best_step"])
+    return FitResult(**{k: v for k, v in done.items() if k != "digest"} | {"best_checkpoint": out_dir / "best.pt"})
+
+
+@dataclass
+class _Run:
+    """One fit in progress: the network, its optimiser and loss scaler, and where it stands."""
+
+    out_dir: Path
+    digest: str
+    cfg: dict
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    best_dice: float = -math.inf
+    best_step: int = -1
+    history: list = field(default_factory=list)
+
+    def save_last(self) -> None:
+        """``last.pt``: everything needed to resume exactly here."""
+        _save_atomic({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                      "scaler": self.scaler.state_dict(), "step": self.step, "best_dice": self.best_dice,
+                      "best_step": self.best_step, "history": self.history, "rng": _rng_state(),
+                      "digest": self.digest}, self.out_dir / "last.pt")
+
+    def resume(self) -> None:
+        """Continue from ``last.pt`` when it was written for the same inputs (``digest``)."""
+        last = self.out_dir / "last.pt"
+        if not last.exists():
+            return
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=True)
+        except Exception as e:  # a planted or damaged file is never executed, only refused
+            raise ValueError(f"{last} is not a resumable checkpoint ({type(e).__name__}); delete it to start "
+                             "this member again") from None
+        if state.get("digest") != self.digest:
+            log.warning("%s: last.pt was written for other inputs or settings; starting again", self.out_dir.name)
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_dice, self.best_step = state["step"], state["best_dice"], state["best_step"]
+        self.history = state["history"]
+        _set_rng_state(state["rng"])
+        log.info("%s: resuming at step %d (best Dice %.4f)", self.out_dir.name, self.step, self.best_dice)
+
+
+def _start(out_dir: Path, digest: str, settings: TrainSettings, init_weights: Path | None,
+           device: torch.device) -> _Run:
+    """A seeded network (from ``init_weights`` when given), its optimiser, resumed where a killed
+    fit left it."""
+    set_determinism(seed=settings.seed)
+    cfg = model_config(settings.model, **settings.model_overrides)
+    model = build_from_config(cfg).to(device)
+    if init_weights:
+        ck = torch.load(init_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["state_dict"])
+        log.info("%s: fine-tuning from %s", out_dir.name, init_weights)
+    opt = _optimizer(model, settings)
+    amp_dtype = _amp_dtype(settings, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    run = _Run(out_dir, digest, cfg, model, opt, scaler, amp_dtype)
+    run.resume()
+    return run
+
+
+def _train_step(run: _Run, forward, batch: dict, settings: TrainSettings, loss_fn, device: torch.device
+                ) -> tuple[float, float]:
+    """One optimiser step on ``batch`` (pseudo-labels' loss ramped in); returns (loss, learning rate)."""
+    lr = lr_at(run.step, settings)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    # plain tensors: MONAI's MetaTensor dispatches every operation through Python, and torch.compile refuses it
+    image, label = (torch.as_tensor(batch[k]).as_subclass(torch.Tensor).to(device) for k in ("image", "label"))
+    run.opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        out = forward(image)
+    weight = batch["weight"].to(device)
+    ramp = pseudo_ramp(run.step, settings)
+    if ramp < 1.0:
+        is_pseudo = batch["pseudo"].to(device) > 0
+        weight = torch.where(is_pseudo, weight * ramp, weight)
+    loss = deep_supervision_loss(out, label, loss_fn, weight)
+    run.scaler.scale(loss).backward()
+    if settings.grad_clip:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), settings.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.step += 1
+    return float(loss.detach()), lr
+
+
+def _validate(run: _Run, val_items: Sequence[Path], settings: TrainSettings, device: torch.device, selection: str,
+              cb: TrainCallbacks, meta: dict | None) -> None:
+    """Validate; keep ``best.pt`` when the weights are the best so far (by ``selection``), then
+    ``last.pt``."""
+    dice = validate(run.model, val_items, settings, device)
+    # without validation cases worth choosing by, the latest weights are the best we know
+    improved = selection != "best validation Dice" or math.isnan(dice) or dice > run.best_dice
+    if improved:
+        run.best_dice, run.best_step = dice, run.step
+        _save_atomic({"model_name": settings.model, "model_config": json.dumps(run.cfg),
+                      "state_dict": run.model.state_dict(), "patch_size": list(settings.patch_size),
+                      "val_dice": dice, "step": run.step, **(meta or {})}, run.out_dir / "best.pt")
+    run.history.append({"step": run.step, "val/dice": dice})
+    log.info("%s: step %d validation Dice %.4f%s", run.out_dir.name, run.step, dice, " (best)" if improved else "")
+    if cb.on_validation:
+        cb.on_validation(run.step, dice, improved)
+    run.save_last()
+    if cb.on_checkpoint:
+        cb.on_checkpoint(run.out_dir / "last.pt")
+
+
+class _LossWindow:
+    """The training loss and seconds per step since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t, self.loss, self.n = time.perf_counter(), 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.loss, self.n = self.loss + loss, self.n + 1
+
+    def report(self, run: _Run, lr: float, settings: TrainSettings, cb: TrainCallbacks) -> None:
+        sec = (time.perf_counter() - self.t) / self.n
+        metrics = {"train/loss": self.loss / self.n, "train/lr": lr, "train/sec_per_step": sec}
+        run.history.append({"step": run.step, **metrics})
+        log.info("%s: step %d/%d loss %.4f lr %.2e (%.2f s/step, about %.1f min left)", run.out_dir.name, run.step,
+                 settings.max_steps, metrics["train/loss"], lr, sec, sec * (settings.max_steps - run.step) / 60)
+        if cb.on_log:
+            cb.on_log(run.step, metrics)
+        self.reset()
+
+
 def fit(
     train_items: Sequence[Path],
     val_items: Sequence[Path],
@@ -539,120 +688,32 @@ def fit(
     cb = callbacks or TrainCallbacks()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     digest = fit_digest(train_items, val_items, settings, init_weights, item_weights, pseudo)
-    done_file = out_dir / "result.json"
-    if done_file.exists():
-        done = json.loads(done_file.read_text())
-        if done.get("digest") == digest:
-            log.info("%s: already trained (best Dice %.4f at step %d)", out_dir.name, done["best_dice"],
-                     done["best_step"])
-            return FitResult(**{k: v for k, v in done.items() if k != "digest"} | {
-                "best_checkpoint": out_dir / "best.pt"})
-        done_file.unlink()
-
-    set_determinism(seed=settings.seed)
-    cfg = model_config(settings.model, **settings.model_overrides)
-    model = build_from_config(cfg).to(device)
-    if init_weights:
-        ck = torch.load(init_weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["state_dict"])
-        log.info("%s: fine-tuning from %s", out_dir.name, init_weights)
-    opt = _optimizer(model, settings)
-    amp_dtype = _amp_dtype(settings, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    loss_fn = DiceFocalIgnoring()
-
-    step, best_dice, best_step, history = 0, -math.inf, -1, []
-    last = out_dir / "last.pt"
-    if last.exists():
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=True)
-        except Exception as e:  # a planted or damaged file is never executed, only refused
-            raise ValueError(f"{last} is not a resumable checkpoint ({type(e).__name__}); delete it to start "
-                             "this member again") from None
-        if state.get("digest") == digest:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step, best_dice, best_step = state["step"], state["best_dice"], state["best_step"]
-            history = state["history"]
-            _set_rng_state(state["rng"])
-            log.info("%s: resuming at step %d (best Dice %.4f)", out_dir.name, step, best_dice)
-        else:
-            log.warning("%s: last.pt was written for other inputs or settings; starting again", out_dir.name)
-    resumed_from = step
-
+    done = _finished(out_dir, digest)
+    if done is not None:
+        return done
+    run = _start(out_dir, digest, settings, init_weights, device)
+    resumed_from = run.step
     loader = make_loaders(train_items, settings, item_weights=item_weights, start_step=resumed_from, pseudo=pseudo)
     selection = _selection(settings, len(val_items))
     if "validation case(s)" in selection:  # a fallback, not a choice: the user should know
         log.warning("%s: best.pt holds the %s", out_dir.name, selection)
-    batches = iter(loader)
-    started = time.perf_counter()
-    window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
-    n_params = count_parameters(model)
-    log.info("%s: %s (%s parameters), %d training / %d validation cases, %d steps on %s",
-             out_dir.name, settings.model, f"{n_params:,}", len(train_items), len(val_items), settings.max_steps,
+    batches, started, window = iter(loader), time.perf_counter(), _LossWindow()
+    log.info("%s: %s (%s parameters), %d training / %d validation cases, %d steps on %s", out_dir.name,
+             settings.model, f"{count_parameters(run.model):,}", len(train_items), len(val_items), settings.max_steps,
              device)
-
-    def checkpoint() -> None:
-        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                      "step": step, "best_dice": best_dice, "best_step": best_step, "history": history,
-                      "rng": _rng_state(), "digest": digest}, last)
-
-    model.train()
-    forward = model if settings.compile == "off" else torch.compile(model, mode=settings.compile)
-    while step < settings.max_steps:
-        batch = next(batches)
-        lr = lr_at(step, settings)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # plain tensors: MONAI's MetaTensor dispatches every operation through Python, and torch.compile refuses it
-        image, label = (torch.as_tensor(batch[k]).as_subclass(torch.Tensor).to(device) for k in ("image", "label"))
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = forward(image)
-        weight = batch["weight"].to(device)
-        ramp = pseudo_ramp(step, settings)
-        if ramp < 1.0:
-            is_pseudo = batch["pseudo"].to(device) > 0
-            weight = torch.where(is_pseudo, weight * ramp, weight)
-        loss = deep_supervision_loss(out, label, loss_fn, weight)
-        scaler.scale(loss).backward()
-        if settings.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        window_loss += float(loss.detach())
-        window_n += 1
-        if step % settings.log_every == 0 or step == settings.max_steps:
-            sec = (time.perf_counter() - window_t) / window_n
-            metrics = {"train/loss": window_loss / window_n, "train/lr": lr, "train/sec_per_step": sec}
-            history.append({"step": step, **metrics})
-            log.info("%s: step %d/%d loss %.4f lr %.2e (%.2f s/step, about %.1f min left)", out_dir.name, step,
-                     settings.max_steps, metrics["train/loss"], lr, sec, sec * (settings.max_steps - step) / 60)
-            if cb.on_log:
-                cb.on_log(step, metrics)
-            window_t, window_loss, window_n = time.perf_counter(), 0.0, 0
-        if step % settings.val_every == 0 or step == settings.max_steps:
-            dice = validate(model, val_items, settings, device)
-            # without validation cases worth choosing by, the latest weights are the best we know
-            improved = selection != "best validation Dice" or math.isnan(dice) or dice > best_dice
-            if improved:
-                best_dice, best_step = dice, step
-                _save_atomic({"model_name": settings.model, "model_config": json.dumps(cfg),
-                              "state_dict": model.state_dict(), "patch_size": list(settings.patch_size),
-                              "val_dice": dice, "step": step, **(meta or {})}, out_dir / "best.pt")
-            history.append({"step": step, "val/dice": dice})
-            log.info("%s: step %d validation Dice %.4f%s", out_dir.name, step, dice, " (best)" if improved else "")
-            if cb.on_validation:
-                cb.on_validation(step, dice, improved)
-            checkpoint()
-            if cb.on_checkpoint:
-                cb.on_checkpoint(last)
-    result = FitResult(best_dice=best_dice, best_step=best_step, steps=step, best_checkpoint=out_dir / "best.pt",
-                       seconds=time.perf_counter() - started, resumed_from=resumed_from, history=history,
-                       selection=selection)
+    loss_fn = DiceFocalIgnoring()
+    run.model.train()
+    forward = run.model if settings.compile == "off" else torch.compile(run.model, mode=settings.compile)
+    while run.step < settings.max_steps:
+        loss, lr = _train_step(run, forward, next(batches), settings, loss_fn, device)
+        window.add(loss)
+        if run.step % settings.log_every == 0 or run.step == settings.max_steps:
+            window.report(run, lr, settings, cb)
+        if run.step % settings.val_every == 0 or run.step == settings.max_steps:
+            _validate(run, val_items, settings, device, selection, cb, meta)
+    result = FitResult(best_dice=run.best_dice, best_step=run.best_step, steps=run.step,
+                       best_checkpoint=out_dir / "best.pt", seconds=time.perf_counter() - started,
+                       resumed_from=resumed_from, history=run.history, selection=selection)
     text = json.dumps(result.to_json() | {"digest": digest}, indent=1)
-    atomic_write(done_file, lambda tmp: tmp.write_text(text))
+    atomic_write(out_dir / "result.json", lambda tmp: tmp.write_text(text))
     return result
