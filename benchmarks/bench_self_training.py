@@ -237,26 +237,25 @@ DIFFERENCES = [("round1", "round1-control", "round 1 - control 1"),
                ("round1-control", "round0", "control 1 - round 0")]
 
 
-def report(out: Path) -> str:
-    from viola_models.evaluation import paired_difference, two_level_bootstrap
-
+def _load_seeds(out: Path) -> dict[int, dict]:
+    """Every seed's results of ``out``; round 0 finished by an earlier call read from its state."""
     per_seed = {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in sorted(out.glob("seed_*.json"))}
-    if not per_seed:
-        return f"no results in {out}"
-    for seed, results in per_seed.items():  # round 0 finished by an earlier call: from its state
+    for seed, results in per_seed.items():
         state = out / f"seed_{seed}" / "data" / "viola_work" / "rounds" / "round_000" / "state.json"
         if "round0" not in results and state.exists():
             st = json.loads(state.read_text())
             results["round0"] = {"dsc": st.get("test", {}).get("test/dsc"), "nsd": st.get("test", {}).get("test/nsd"),
                                  "val_dice": st.get("val_dice"), "seconds": None}
+    return per_seed
+
+
+def _arm_lines(per_seed: dict[int, dict], seeds: list[int], trans: dict) -> list[str]:
+    """Per arm: test DSC and NSD, validation and unlabelled Dice (mean ± sd over seeds), minutes per run."""
     arms = [("round0", "round 0 (labelled only)"), ("round1-control", "control 1 (labelled only, equal compute)"),
             ("round1", "self-training round 1"), ("round1-oracle", "oracle 1 (true labels)"),
             ("round2-control", "control 2"), ("round2", "self-training round 2"),
             *[(k, f"option {k}") for k in OPTIONS], *[(f"{k}-control", f"option {k}: its control") for k in OPTIONS]]
-    seeds = sorted(per_seed)
-    trans = {s: per_seed[s].get("transductive", {}) for s in seeds}
-    lines = [f"self-training benchmark: seeds {seeds}; {platform.node()} ({os.cpu_count()} CPU)", "",
-             f"{'arm':<42}{'n':>3}  {'test DSC':>17}  {'test NSD':>17}  {'val Dice':>17}  {'unlabelled Dice':>17}"
+    lines = [f"{'arm':<42}{'n':>3}  {'test DSC':>17}  {'test NSD':>17}  {'val Dice':>17}  {'unlabelled Dice':>17}"
              f"  {'min/run':>7}"]
     for key, label in arms:
         rows = [per_seed[s][key] for s in seeds if key in per_seed[s]]
@@ -266,7 +265,15 @@ def report(out: Path) -> str:
                          f"{_ms([r['nsd'] for r in rows]):>17}  {_ms([r.get('val_dice') for r in rows]):>17}  "
                          f"{_ms([trans[s].get(key) for s in seeds]):>17}  "
                          f"{f'{statistics.mean(mins):.1f}' if mins else '-':>7}")
-    lines += ["", "paired differences of test DSC per case at the final ensembles, mean over seeds [95% CI, "
+    return lines
+
+
+def _difference_lines(out: Path, seeds: list[int]) -> list[str]:
+    """The primary statistic of each key difference, and the gap closed by round 1."""
+    from viola_models.evaluation import paired_difference, two_level_bootstrap
+
+    lines = []
+    lines += ["paired differences of test DSC per case at the final ensembles, mean over seeds [95% CI, "
               "two-level bootstrap: seeds, then cases], share of seeds won:"]
     for a, b, label in DIFFERENCES:
         tables = _case_tables(out, seeds, (a, b))
@@ -284,6 +291,12 @@ def report(out: Path) -> str:
         res = two_level_bootstrap(tables, gap)
         lines.append(f"  gap closed by round 1 = (round 1 - control 1) / (oracle 1 - control 1): "
                      f"{res.estimate:.0%} [{res.low:.0%}, {res.high:.0%}]")
+    return lines
+
+
+def _side_lines(per_seed: dict[int, dict], seeds: list[int], trans: dict) -> list[str]:
+    """Round 1 against control 1 and round 0 on the validation scans and the unlabelled scans' truth."""
+    lines = []
     for a, b, label in [("round1", "round1-control", "round 1 - control 1"), ("round1", "round0", "round 1 - round 0")]:
         for kind, field in (("validation", "val_dice"),):
             d = [per_seed[s][a].get(field) - per_seed[s][b].get(field) for s in seeds
@@ -294,6 +307,18 @@ def report(out: Path) -> str:
         d = [trans[s][a] - trans[s][b] for s in seeds if a in trans[s] and b in trans[s]]
         if d:
             lines.append(f"  unlabelled Dice, {label:<17}{_ms(d):>17}  (per seed: {', '.join(f'{v:+.4f}' for v in d)})")
+    return lines
+
+
+def report(out: Path) -> str:
+    per_seed = _load_seeds(out)
+    if not per_seed:
+        return f"no results in {out}"
+    seeds = sorted(per_seed)
+    trans = {s: per_seed[s].get("transductive", {}) for s in seeds}
+    lines = [f"self-training benchmark: seeds {seeds}; {platform.node()} ({os.cpu_count()} CPU)", "",
+             *_arm_lines(per_seed, seeds, trans), "", *_difference_lines(out, seeds), *_side_lines(per_seed, seeds,
+                                                                                                  trans)]
     guards = [f"seed {s}: {per_seed[s]['round1'].get('guard')}" for s in seeds
               if per_seed[s].get("round1", {}).get("teaches") is False]
     if guards:

@@ -162,6 +162,24 @@ def _ranked_in(scores: pd.DataFrame, rule: SelectionRule) -> set[str]:
     return set(best.loc[best["predicted_dice"] >= rule.rank_floor, "scan_id"])
 
 
+def _why_not(r, rule: SelectionRule, by_rank: set) -> str:
+    """Why candidate ``r`` fails the rule on its own ("" when it passes; ranks are decided after)."""
+    why = []
+    if r.error:
+        why.append(f"not predicted: {r.error}")
+    elif r.consensus == "empty":
+        if not rule.allow_empty:
+            why.append("empty consensus (empty pseudo-labels are off)")
+    elif r.consensus == "disputed":
+        why.append("disputed: some members find blood but the ensemble mask is empty")
+    else:
+        if not r.predicted_dice >= rule.min_predicted_dice and r.scan_id not in by_rank:  # NaN fails too
+            why.append(f"predicted Dice {r.predicted_dice:.3f} < {rule.min_predicted_dice:g}")
+        if rule.max_volume_cv is not None and r.volume_cv > rule.max_volume_cv:
+            why.append(f"volume CV {r.volume_cv:.3f} > {rule.max_volume_cv:g}")
+    return "; ".join(why)
+
+
 def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration: Calibration | None = None
                          ) -> pd.DataFrame:
     """Add ``predicted_dice``, ``selected`` (bool), ``decision`` (why) and ``rule`` to per-scan scores.
@@ -184,23 +202,7 @@ def select_pseudo_labels(scores: pd.DataFrame, rule: SelectionRule, calibration:
     out["error"] = out["error"].fillna("").astype(str)
     out["predicted_dice"] = calibration.predict(pd.to_numeric(out[rule.score], errors="coerce").to_numpy())
     by_rank = _ranked_in(out, rule)
-    decision = []
-    for r in out.itertuples():
-        why = []
-        if r.error:
-            why.append(f"not predicted: {r.error}")
-        elif r.consensus == "empty":
-            if not rule.allow_empty:
-                why.append("empty consensus (empty pseudo-labels are off)")
-        elif r.consensus == "disputed":
-            why.append("disputed: some members find blood but the ensemble mask is empty")
-        else:
-            if not r.predicted_dice >= rule.min_predicted_dice and r.scan_id not in by_rank:  # NaN fails too
-                why.append(f"predicted Dice {r.predicted_dice:.3f} < {rule.min_predicted_dice:g}")
-            if rule.max_volume_cv is not None and r.volume_cv > rule.max_volume_cv:
-                why.append(f"volume CV {r.volume_cv:.3f} > {rule.max_volume_cv:g}")
-        decision.append("; ".join(why))
-    out["decision"] = decision
+    out["decision"] = [_why_not(r, rule, by_rank) for r in out.itertuples()]
     passing = out[(out["decision"] == "") & (out["consensus"] == "lesion")].sort_values(
         ["predicted_dice", rule.score, "scan_id"], ascending=[False, False, True])
     # floor, so "top 50%" of 3 keeps 1; but a non-empty pass list always keeps its best

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -243,62 +244,98 @@ def run(
     says --resume (finish the interrupted call as it was) or --abandon (run this one instead)."""
     _isolate_prefect(_profile_root(profile, data, set_))
     _setup(flows=True)
-    from data_catalog.catalog import discover
-    from flows.profiles import ProfileError, load_profile, parse_overrides
-    from tasks.compute import ClusterError, check_reachable
-    from tasks.processes import RECORD, recorded_children, stop_leftovers
-    from tasks.rounds import CallConflict, RunBusyError, decide_call, exclusive, requested_call
-    from tasks.tracking import TrackingUnavailable, default_tracking_uri
-
-    held = ExitStack()
-    try:  # fail fast, in one line, before Prefect starts
-        overrides = parse_overrides(set_ or [])
-        settings = load_profile(profile, data, overrides)
-        user_root = data is not None or settings.data.synth is None
-        if user_root:  # a user's data root must hold scans; only the demo's is filled with phantoms
-            discover(settings.data.root)
-        check_reachable(settings.compute, tracking_uri or default_tracking_uri(create=False),
-                        os.environ.get("PREFECT_API_URL"))
-        # the data root is this process's until it exits (the flow takes the same lock again)
-        held.enter_context(exclusive(settings.work_dir, create_root=not user_root))
-        if left := stop_leftovers(settings.work_dir):  # what a run killed with -9 left running
-            typer.echo(left, err=True)
-        decide_call(settings.work_dir, requested_call(profile, rounds, settings.round.control if control is None
-                                                      else control, oracle, force, overrides), resume, abandon)
-    except (ProfileError, FileNotFoundError, RunBusyError, ClusterError, CallConflict) as e:
-        held.close()
-        _fail(str(e))
-    from prefect.exceptions import TerminationSignal
-
-    from flows.self_training import self_training
-
-    stopped = 0
-    with held:
-        interrupted = held.enter_context(recorded_children(settings.work_dir))
-        try:
-            with _stops_on_signals(interrupted, settings.work_dir / RECORD,
-                                   lambda name: _mark_stopped(settings.work_dir, tracking_uri, name, held=True)
-                                   ) as stopped_by:
-                results = self_training(profile=profile, data_root=str(data) if data else None, rounds=rounds,
-                                        tracking_uri=tracking_uri, control=control, oracle=oracle, force=force,
-                                        overrides=overrides or None, resume=resume, abandon=abandon)
-        except (*_KNOWN, RunBusyError, TrackingUnavailable, ClusterError) as e:
-            _fail(str(e), code=1)
-        except (KeyboardInterrupt, TerminationSignal):
-            interrupted.set()  # leaving the block stops what the run started and frees the data root
-            stopped = stopped_by.get("signal", signal.SIGINT)
-    if stopped:  # exit now: worker threads still training must not hold the process
-        _mark_stopped(settings.work_dir, tracking_uri, signal.Signals(stopped).name)
-        sys.stdout.flush()
-        sys.stderr.write(f"error: stopped by {signal.Signals(stopped).name}; the same command continues this call\n")
-        sys.stderr.flush()
-        os._exit(128 + stopped)
+    call = _RunCall(profile, data, rounds, tracking_uri, control, oracle, force, resume, abandon)
+    settings, overrides, held = _claim_root(call, set_ or [])
+    results = _run_rounds(call, settings, overrides, held)
     for res in results:
         typer.echo(res["summary"])
     from flows.self_training import compare_arms
 
     if comparison := compare_arms(results):
         typer.echo(comparison)
+
+
+@dataclass(frozen=True)
+class _RunCall:
+    """The options of one `viola run`."""
+
+    profile: str
+    data: Path | None
+    rounds: int
+    tracking_uri: str | None
+    control: bool | None
+    oracle: bool
+    force: bool
+    resume: bool
+    abandon: bool
+
+
+def _claim_root(call: _RunCall, set_: list[str]):
+    """Everything that can fail fast, in one line, before Prefect starts: the profile and its
+    overrides, the data root, the stores' reach, the data root's lock (held until the process
+    exits: the flow takes the same lock again), what a killed run left, and whether this call may
+    run after an interrupted one. Returns (settings, overrides, the held lock's stack)."""
+    from data_catalog.catalog import discover
+    from flows.profiles import ProfileError, load_profile, parse_overrides
+    from tasks.compute import ClusterError, check_reachable
+    from tasks.processes import stop_leftovers
+    from tasks.rounds import CallConflict, RunBusyError, decide_call, exclusive, requested_call
+    from tasks.tracking import default_tracking_uri
+
+    held = ExitStack()
+    try:
+        overrides = parse_overrides(set_)
+        settings = load_profile(call.profile, call.data, overrides)
+        user_root = call.data is not None or settings.data.synth is None
+        if user_root:  # a user's data root must hold scans; only the demo's is filled with phantoms
+            discover(settings.data.root)
+        check_reachable(settings.compute, call.tracking_uri or default_tracking_uri(create=False),
+                        os.environ.get("PREFECT_API_URL"))
+        held.enter_context(exclusive(settings.work_dir, create_root=not user_root))
+        if left := stop_leftovers(settings.work_dir):  # what a run killed with -9 left running
+            typer.echo(left, err=True)
+        control = settings.round.control if call.control is None else call.control
+        decide_call(settings.work_dir, requested_call(call.profile, call.rounds, control, call.oracle, call.force,
+                                                      overrides), call.resume, call.abandon)
+    except (ProfileError, FileNotFoundError, RunBusyError, ClusterError, CallConflict) as e:
+        held.close()
+        _fail(str(e))
+    return settings, overrides, held
+
+
+def _run_rounds(call: _RunCall, settings, overrides: dict, held: ExitStack) -> list[dict]:
+    """The self-training flow in this process, stopped cleanly by SIGINT or SIGTERM: the flow run and
+    the MLflow runs marked, every child stopped, the data root freed, exit 128 + the signal."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.self_training import self_training
+    from tasks.compute import ClusterError
+    from tasks.processes import RECORD, recorded_children
+    from tasks.rounds import RunBusyError
+    from tasks.tracking import TrackingUnavailable
+
+    stopped, work = 0, settings.work_dir
+    with held:
+        interrupted = held.enter_context(recorded_children(work))
+        try:
+            with _stops_on_signals(interrupted, work / RECORD,
+                                   lambda name: _mark_stopped(work, call.tracking_uri, name, held=True)) as stopped_by:
+                results = self_training(profile=call.profile, data_root=str(call.data) if call.data else None,
+                                        rounds=call.rounds, tracking_uri=call.tracking_uri, control=call.control,
+                                        oracle=call.oracle, force=call.force, overrides=overrides or None,
+                                        resume=call.resume, abandon=call.abandon)
+        except (*_KNOWN, RunBusyError, TrackingUnavailable, ClusterError) as e:
+            _fail(str(e), code=1)
+        except (KeyboardInterrupt, TerminationSignal):
+            interrupted.set()  # leaving the block stops what the run started and frees the data root
+            stopped = stopped_by.get("signal", signal.SIGINT)
+    if stopped:  # exit now: worker threads still training must not hold the process
+        _mark_stopped(work, call.tracking_uri, signal.Signals(stopped).name)
+        sys.stdout.flush()
+        sys.stderr.write(f"error: stopped by {signal.Signals(stopped).name}; the same command continues this call\n")
+        sys.stderr.flush()
+        os._exit(128 + stopped)
+    return results
 
 
 @app.command()
@@ -357,22 +394,10 @@ def predict(
 
     Exits 1 when any input was rejected (unless --allow-rejected), 2 on a usage or model error."""
     _setup()
-    import tempfile
     import time
 
-    import torch
-    from pydantic import ValidationError
-
-    from flows.profiles import ProfileError, load_profile
-    from viola_models.backends import resolve_backend
-    from viola_models.ensemble import load_ensemble
-    from viola_models.predictors import resolve_device
     from viola_models.segment import predict_folder
 
-    try:
-        device = str(resolve_device(device))
-    except ValueError as e:
-        _fail(str(e))
     if dicom_seg:
         from data_catalog.dicom import check_seg_writer
 
@@ -380,48 +405,15 @@ def predict(
             check_seg_writer()
         except RuntimeError as e:
             _fail(f"--dicom-seg: {e}")
-    from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
-
-    try:
-        settings = load_profile(profile, data)
-        changes = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
-        try:
-            inference = settings.inference.model_validate(settings.inference.model_dump() | changes)
-            chosen = resolve_backend(inference, torch.device(device))
-        except ValidationError as e:
-            _fail(f"--{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
-        except ValueError as e:
-            _fail(str(e))
-        with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:  # a registry download, removed after loading
-            folder = resolve_ensemble_dir(model, round, checkpoints, settings.work_dir,
-                                          settings.tracking.registered_model, tracking_uri, Path(tmp))
-            ensemble = load_ensemble(folder, device=device, inference=inference)
-    except (*_KNOWN, ProfileError, TrackingUnavailable) as e:
-        _fail(str(e))
-    source = checkpoints or (f"round {round}" if round is not None else model or
-                             f"models:/{settings.tracking.registered_model}@champion")
-    how = f" ({chosen[0]}, {chosen[1]})" if device == "cpu" else ""
-    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}{how}")
-
-    from tasks.progress import format_seconds, progress
-
+    ensemble = _load_model(_ModelChoice(model, round, checkpoints, profile, data, tracking_uri, device, backend,
+                                        precision))
     t0 = time.perf_counter()
+    from tasks.progress import progress
+
     try:
         with progress("segment", None, unit="scans") as bar:  # a bar in a terminal; the lines below always
-            def report(i: int, n: int, row: dict) -> None:
-                bar.set_total(n)
-                bar.update(i, row["file_name"])
-                left = bar.remaining_s()
-                left = f"; about {format_seconds(left)} left" if left and left >= 1 and i < n else ""
-                if row["status"] == "ok":
-                    typer.echo(f"[{i}/{n}] {row['file_name']}: {row['predicted_volume_ml']} ml in "
-                               f"{row['n_lesions']} lesion(s), agreement {row['agreement']}, predicted Dice "
-                               f"{row['predicted_dice']}, {row['inference_seconds']} s{left}")
-                else:
-                    typer.echo(f"[{i}/{n}] {row['file_name']}: rejected: {row['reason']}{left}")
-
             table = predict_folder(input, output, ensemble, overlap=overlap, tta=tta, overlays=overlays,
-                                   on_scan=report, dicom_seg=dicom_seg)
+                                   on_scan=_scan_lines(bar), dicom_seg=dicom_seg)
     except _KNOWN as e:
         _fail(str(e))
     ok = int((table.status == "ok").sum())
@@ -429,6 +421,77 @@ def predict(
                f"{time.perf_counter() - t0:.1f} s; masks and predictions_info.csv in {output}")
     if ok < len(table) and not allow_rejected:
         raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class _ModelChoice:
+    """Which ensemble `viola predict` uses (at most one of model, round, checkpoints; none: the
+    profile's registry champion) and how it runs it."""
+
+    model: str | None
+    round: int | None
+    checkpoints: Path | None
+    profile: str
+    data: Path | None
+    tracking_uri: str | None
+    device: str
+    backend: str | None
+    precision: str | None
+
+
+def _load_model(choice: _ModelChoice):
+    """The chosen ensemble, loaded for its device and CPU backend, with one line saying which; a
+    usage or model error exits 2 in one line."""
+    import tempfile
+
+    import torch
+    from pydantic import ValidationError
+
+    from flows.profiles import ProfileError, load_profile
+    from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
+    from viola_models.backends import resolve_backend
+    from viola_models.ensemble import load_ensemble
+    from viola_models.predictors import resolve_device
+
+    try:
+        device = str(resolve_device(choice.device))
+        settings = load_profile(choice.profile, choice.data)
+        changes = {k: v for k, v in (("backend", choice.backend), ("precision", choice.precision)) if v is not None}
+        try:
+            inference = settings.inference.model_validate(settings.inference.model_dump() | changes)
+            chosen = resolve_backend(inference, torch.device(device))
+        except ValidationError as e:
+            _fail(f"--{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:  # a registry download, removed after loading
+            folder = resolve_ensemble_dir(choice.model, choice.round, choice.checkpoints, settings.work_dir,
+                                          settings.tracking.registered_model, choice.tracking_uri, Path(tmp))
+            ensemble = load_ensemble(folder, device=device, inference=inference)
+    except (*_KNOWN, ProfileError, TrackingUnavailable) as e:
+        _fail(str(e))
+    source = choice.checkpoints or (f"round {choice.round}" if choice.round is not None else choice.model or
+                                    f"models:/{settings.tracking.registered_model}@champion")
+    how = f" ({chosen[0]}, {chosen[1]})" if device == "cpu" else ""
+    typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}{how}")
+    return ensemble
+
+
+def _scan_lines(bar) -> Callable[[int, int, dict], None]:
+    """The per-scan callback of `viola predict`: the bar moves, and one line per scan says what it found."""
+    from tasks.progress import format_seconds
+
+    def report(i: int, n: int, row: dict) -> None:
+        bar.set_total(n)
+        bar.update(i, row["file_name"])
+        left = bar.remaining_s()
+        left = f"; about {format_seconds(left)} left" if left and left >= 1 and i < n else ""
+        if row["status"] == "ok":
+            typer.echo(f"[{i}/{n}] {row['file_name']}: {row['predicted_volume_ml']} ml in "
+                       f"{row['n_lesions']} lesion(s), agreement {row['agreement']}, predicted Dice "
+                       f"{row['predicted_dice']}, {row['inference_seconds']} s{left}")
+        else:
+            typer.echo(f"[{i}/{n}] {row['file_name']}: rejected: {row['reason']}{left}")
+
+    return report
 
 
 @app.command("import-reference")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import task
@@ -125,6 +124,56 @@ def _member_run(client, parent: tuple[str, str], out_dir: Path, name: str, tags:
     return run_id
 
 
+def _open_member_run(ctx: RoundContext, client, job: dict, digest: str, init: Path | None) -> str:
+    """The member's child run of the round's run (:func:`_member_run`), its parameters and its
+    dataset inputs logged."""
+    spec, settings, final_settings = job["spec"], job["settings"], job.get("final_settings")
+    run_id = _member_run(client, (ctx.experiment_id, ctx.run_id), Path(job["out_dir"]), spec["name"],
+                         {"viola.kind": "member", "viola.round": ctx.round, "viola.fold": spec["fold"],
+                          "viola.architecture": settings.model}, digest)
+    n_train = len(spec["train"])
+    tracking.log_params(client, run_id, {"member": spec["name"], "round": ctx.round, "fold": spec["fold"],
+                                         "n_train": n_train, "n_pseudo": n_train - len(spec.get("labelled",
+                                                                                            spec["train"])),
+                                         "n_val": len(spec["val"]), "init_weights": str(init or ""),
+                                         "train": settings.model_dump(),
+                                         "labelled_only_steps": final_settings.max_steps if final_settings else 0})
+    if spec.get("datasets"):
+        tracking.log_datasets(client, run_id, spec["datasets"], source=spec.get("data_root", ""),
+                              name_prefix=f"fold{spec['fold']}/")
+    return run_id
+
+
+class _MemberLog:
+    """``fit``'s callbacks of a member: metrics to its run, steps and loss to its progress bar."""
+
+    def __init__(self, client, run_id: str, bar) -> None:
+        self.client, self.run_id, self.bar = client, run_id, bar
+
+    def callbacks(self, offset: int) -> TrainCallbacks:
+        """Steps counted from ``offset`` (the labelled-only fine-tune continues the first fit's steps)."""
+        def on_log(step: int, metrics: dict) -> None:
+            tracking.log_metrics(self.client, self.run_id, metrics, step + offset)
+            self.bar.update(step + offset, f"loss {metrics['train/loss']:.4f}")
+
+        def on_validation(step: int, dice: float, best: bool) -> None:
+            tracking.log_metrics(self.client, self.run_id, {"val/dice": dice}, step + offset)
+
+        return TrainCallbacks(on_log=on_log, on_validation=on_validation)
+
+
+def _close_member_run(client, run_id: str, result, seconds: float) -> None:
+    """The member's final metrics, checkpoint and selection on its run, then FINISHED; a rerun of a
+    finished member logs only what a crash may have kept from being logged."""
+    if "val/best_dice" not in client.get_run(run_id).data.metrics:
+        tracking.log_metrics(client, run_id, {"val/best_dice": result.best_dice, "train/seconds": seconds,
+                                              "val/best_step": result.best_step}, result.steps)
+    tracking.set_tags(client, run_id, {"viola.checkpoint_selection": result.selection})
+    if not client.list_artifacts(run_id, "checkpoint"):
+        client.log_artifact(run_id, str(result.best_checkpoint), "checkpoint")
+    client.set_terminated(run_id, "FINISHED")
+
+
 @task(name="train-member")
 def train_member(ctx: RoundContext, job: dict, threads: int | None = None) -> dict:
     """Train (or resume, or reuse) one member in ``job["out_dir"]`` and mirror it in an MLflow child
@@ -139,7 +188,6 @@ def train_member(ctx: RoundContext, job: dict, threads: int | None = None) -> di
     """
     spec, settings, out_dir, final_settings = job["spec"], job["settings"], Path(job["out_dir"]), job.get(
         "final_settings")
-    round_ = ctx.round
     train, val = [Path(p) for p in spec["train"]], [Path(p) for p in spec["val"]]
     weights, pseudo = spec.get("weights"), spec.get("pseudo")
     init = Path(spec["init"]) if spec.get("init") else None
@@ -154,51 +202,21 @@ def train_member(ctx: RoundContext, job: dict, threads: int | None = None) -> di
     if final_settings is not None:
         digest += f"+{final_settings.model_dump_json()}"
     client = tracking.client_for(ctx.tracking_uri)
-    run_id = _member_run(client, (ctx.experiment_id, ctx.run_id), out_dir, spec["name"],
-                         {"viola.kind": "member", "viola.round": round_, "viola.fold": spec["fold"],
-                          "viola.architecture": settings.model}, digest)
-    n_pseudo = len(train) - len(spec.get("labelled", train))
-    tracking.log_params(client, run_id, {"member": spec["name"], "round": round_, "fold": spec["fold"],
-                                         "n_train": len(train), "n_pseudo": n_pseudo, "n_val": len(val),
-                                         "init_weights": str(init or ""), "train": settings.model_dump(),
-                                         "labelled_only_steps": final_settings.max_steps if final_settings else 0})
-    if spec.get("datasets"):
-        tracking.log_datasets(client, run_id, spec["datasets"], source=spec.get("data_root", ""),
-                              name_prefix=f"fold{spec['fold']}/")
-
-    stack = ExitStack()
+    run_id = _open_member_run(ctx, client, job, digest, init)
     total_steps = settings.max_steps + (final_settings.max_steps if final_settings else 0)
-    bar = stack.enter_context(progress(f"train {spec['name']}", total_steps, unit="steps"))  # fit logs its own lines
-
-    def callbacks(offset: int) -> TrainCallbacks:
-        def on_log(step: int, metrics: dict) -> None:
-            tracking.log_metrics(client, run_id, metrics, step + offset)
-            bar.update(step + offset, f"loss {metrics['train/loss']:.4f}")
-
-        return TrainCallbacks(
-            on_log=on_log,
-            on_validation=lambda step, dice, best: tracking.log_metrics(client, run_id, {"val/dice": dice},
-                                                                        step + offset))
-
-    meta = {"member": spec["name"], "fold": spec["fold"], "round": round_}
-    with stack:
-        result = fit(train, val, settings, out_dir, init_weights=init, callbacks=callbacks(0), device=device,
+    meta = {"member": spec["name"], "fold": spec["fold"], "round": ctx.round}
+    with progress(f"train {spec['name']}", total_steps, unit="steps") as bar:  # fit logs its own lines
+        log_to = _MemberLog(client, run_id, bar)
+        result = fit(train, val, settings, out_dir, init_weights=init, callbacks=log_to.callbacks(0), device=device,
                      meta=meta, item_weights=weights, pseudo=pseudo)
         seconds = result.seconds
         if final_settings is not None:
             labelled = [Path(p) for p in spec["labelled"]]
             result = fit(labelled, val, final_settings, out_dir / "labelled_only",
-                         init_weights=result.best_checkpoint, callbacks=callbacks(settings.max_steps), device=device,
-                         meta=meta)
+                         init_weights=result.best_checkpoint, callbacks=log_to.callbacks(settings.max_steps),
+                         device=device, meta=meta)
             seconds += result.seconds
-    # a rerun of a finished member logs only what a crash may have kept from being logged
-    if "val/best_dice" not in client.get_run(run_id).data.metrics:
-        tracking.log_metrics(client, run_id, {"val/best_dice": result.best_dice, "train/seconds": seconds,
-                                              "val/best_step": result.best_step}, result.steps)
-    tracking.set_tags(client, run_id, {"viola.checkpoint_selection": result.selection})
-    if not client.list_artifacts(run_id, "checkpoint"):
-        client.log_artifact(run_id, str(result.best_checkpoint), "checkpoint")
-    client.set_terminated(run_id, "FINISHED")
+    _close_member_run(client, run_id, result, seconds)
     return {"name": spec["name"], "fold": spec["fold"], "architecture": settings.model,
             "checkpoint": str(result.best_checkpoint), "val_dice": result.best_dice, "best_step": result.best_step,
             "seconds": seconds, "run_id": run_id, "n_val": len(val), "selection": result.selection}

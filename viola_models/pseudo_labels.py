@@ -28,6 +28,39 @@ __all__ = ["label_scans", "truth_report", "with_true_dice"]
 log = logging.getLogger(__name__)
 
 
+def _labelled_before(out_dir: Path, scan_id: str, scan: Mapping, teacher_id: str,
+                     ignore_band: tuple[float, float] | None) -> dict | None:
+    """The record of ``scan_id`` when the same teacher labelled the same content with the same band."""
+    record, mask_path = out_dir / f"{scan_id}.json", out_dir / f"{scan_id}.nii.gz"
+    if not (record.exists() and mask_path.exists()):
+        return None
+    row = json.loads(record.read_text())
+    same_band = row.get("ignore_band") == (list(ignore_band) if ignore_band else None) and (
+        ignore_band is None or Path(row.get("uncertain_path", "")).is_file())
+    return row if row.get("teacher_id") == teacher_id and row.get("image_hash") == scan["image_hash"] and same_band \
+        else None
+
+
+def _write_label(out_dir: Path, scan_id: str, scan: Mapping, seg, teacher_id: str, members: list[str],
+                 ignore_band: tuple[float, float] | None) -> dict:
+    """The mask (and map of uncertain voxels) of one segmented scan on the source's header, and its
+    record written last (atomically): a record names only files that exist."""
+    mask_path = out_dir / f"{scan_id}.nii.gz"
+    save_nifti_like(seg.mask, Path(scan["image"]), mask_path)
+    row = {"scan_id": scan_id, "image": str(scan["image"]), "image_hash": scan["image_hash"],
+           "mask_path": str(mask_path), "mask_hash": file_sha256(mask_path), "teacher_id": teacher_id,
+           "members": members, **seg.scores, "volume_ml": seg.volume_ml, "seconds": seg.seconds, "error": ""}
+    if seg.uncertain is not None:
+        uncertain_path = out_dir / f"{scan_id}.uncertain.nii.gz"
+        save_nifti_like(seg.uncertain, Path(scan["image"]), uncertain_path)
+        row |= {"ignore_band": list(ignore_band), "uncertain_path": str(uncertain_path),
+                "uncertain_hash": file_sha256(uncertain_path),
+                "uncertain_ml": float(seg.uncertain.sum()) * float(np.prod(seg.info.spacing)) / 1000.0}
+    text = json.dumps(row)
+    atomic_write(out_dir / f"{scan_id}.json", lambda tmp: tmp.write_text(text))
+    return row
+
+
 def label_scans(
     ensemble: Ensemble | Callable[[], Ensemble],
     scans: Mapping[str, Mapping],
@@ -56,14 +89,10 @@ def label_scans(
     loaded: Ensemble | None = ensemble if isinstance(ensemble, Ensemble) else None
     rows = []
     for i, (scan_id, scan) in enumerate(sorted(scans.items()), 1):
-        record, mask_path = out_dir / f"{scan_id}.json", out_dir / f"{scan_id}.nii.gz"
-        if record.exists() and mask_path.exists():
-            row = json.loads(record.read_text())
-            same_band = row.get("ignore_band") == (list(ignore_band) if ignore_band else None) and (
-                ignore_band is None or Path(row.get("uncertain_path", "")).is_file())
-            if row.get("teacher_id") == teacher_id and row.get("image_hash") == scan["image_hash"] and same_band:
-                rows.append(row)
-                continue
+        row = _labelled_before(out_dir, scan_id, scan, teacher_id, ignore_band)
+        if row is not None:
+            rows.append(row)
+            continue
         if loaded is None:
             loaded = ensemble()
         try:
@@ -74,24 +103,11 @@ def label_scans(
             rows.append({"scan_id": scan_id, "image": str(scan["image"]), "image_hash": scan["image_hash"],
                          "teacher_id": teacher_id, "members": loaded.names, "error": str(e)})
             continue
-        save_nifti_like(seg.mask, Path(scan["image"]), mask_path)
-        row = {"scan_id": scan_id, "image": str(scan["image"]), "image_hash": scan["image_hash"],
-               "mask_path": str(mask_path), "mask_hash": file_sha256(mask_path), "teacher_id": teacher_id,
-               "members": loaded.names, **seg.scores, "volume_ml": seg.volume_ml, "seconds": seg.seconds,
-               "error": ""}
-        if seg.uncertain is not None:
-            uncertain_path = out_dir / f"{scan_id}.uncertain.nii.gz"
-            save_nifti_like(seg.uncertain, Path(scan["image"]), uncertain_path)
-            row |= {"ignore_band": list(ignore_band), "uncertain_path": str(uncertain_path),
-                    "uncertain_hash": file_sha256(uncertain_path),
-                    "uncertain_ml": float(seg.uncertain.sum()) * float(np.prod(seg.info.spacing)) / 1000.0}
-        text = json.dumps(row)
-        atomic_write(record, lambda tmp, text=text: tmp.write_text(text))
-        rows.append(row)
+        rows.append(_write_label(out_dir, scan_id, scan, seg, teacher_id, loaded.names, ignore_band))
         log.info("pseudo-label %d/%d %s: %.2f ml, %s, agreement %.3f (%.1f s)", i, len(scans), scan_id,
                  seg.volume_ml, seg.scores["consensus"], seg.scores["agreement"], seg.seconds)
         if on_scan:
-            on_scan(i, len(scans), row)
+            on_scan(i, len(scans), rows[-1])
     table = pd.DataFrame(rows)
     if len(table) and "error" in table:
         table["error"] = table["error"].fillna("")

@@ -271,6 +271,25 @@ def _load_untrusted(path: Path) -> Any:
         raise ValueError(f"{path}: unreadable checkpoint ({first})") from None
 
 
+def _checked_member(path: Path, config, cache: dict, patch: list[int]) -> tuple[dict, torch.nn.Module]:
+    """One authors' checkpoint, loaded without running code, identified, and loaded (strict) into our
+    network, which must take ``patch``; ValueError naming the file otherwise."""
+    from viola_models.configs import build_from_config
+
+    obj = _load_untrusted(path)
+    try:
+        member = identify_reference_checkpoint(obj, config, cache)
+        model = build_from_config(member["model_config"])
+        model.load_state_dict(member["state_dict"], strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+    divisor = model.size_divisor
+    if any(p % d for p, d in zip(patch, divisor)):
+        raise ValueError(f"patch size {tuple(patch)} is not divisible by {member['name']}'s strides "
+                         f"{tuple(divisor)}: give --patch-size")
+    return member, model
+
+
 def import_reference_checkpoints(
     paths: Sequence[Path],
     out_dir: Path,
@@ -290,8 +309,8 @@ def import_reference_checkpoints(
     """
     from data_catalog.preprocessing import PreprocessSettings
     from data_catalog.scans import atomic_write
-    from viola_models.configs import build_from_config
     from viola_models.ensemble import write_ensemble
+
     if not paths:
         raise ValueError("no checkpoint given")
     out_dir = Path(out_dir)
@@ -309,17 +328,7 @@ def import_reference_checkpoints(
         if digest and digest in seen:
             raise ValueError(f"{path} has the same content as {seen[digest]}: each member must be its own file")
         seen[digest] = path
-        obj = _load_untrusted(path)
-        try:
-            member = identify_reference_checkpoint(obj, config, cache)
-            model = build_from_config(member["model_config"])
-            model.load_state_dict(member["state_dict"], strict=True)
-        except (ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
-        divisor = model.size_divisor
-        if any(p % d for p, d in zip(patch, divisor)):
-            raise ValueError(f"patch size {tuple(patch)} is not divisible by {member['name']}'s strides "
-                             f"{tuple(divisor)}: give --patch-size")
+        member, model = _checked_member(path, config, cache, patch)
         i = counts[member["name"]] = counts.get(member["name"], -1) + 1
         name = f"{member['name']}-fold{i}"
         ck = {"model_name": member["name"], "model_config": json.dumps(member["model_config"]),

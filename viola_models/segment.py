@@ -62,6 +62,23 @@ def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
     return int(n), np.bincount(labels.ravel())[1:]
 
 
+def _case_of(image_path: Path | None, ensemble: Ensemble, cache_dir: Path | None, image_hash: str | None,
+             cached_case: Path | None, image: tuple[np.ndarray, ScanInfo] | None
+             ) -> tuple[PreprocessedCase, ScanInfo, float | None]:
+    """The scan preprocessed for ``ensemble`` (see :func:`segment_scan`), its native geometry, and
+    when reading the scan file ended (``time.perf_counter``; None: a cached case, no scan read)."""
+    if cached_case is not None:  # already preprocessed (with its label) by the round, with these settings
+        case = load_preprocessed(Path(cached_case))
+        return case, scan_info(case.native_affine, case.native_shape), None
+    if cache_dir is not None and image_hash:
+        path, _ = cached_preprocess(Path(cache_dir), Path(image_path), image_hash, ensemble.preprocess)
+        case = load_preprocessed(path)
+        return case, scan_info(case.native_affine, case.native_shape), None
+    image, info = image if image is not None else read_image(Path(image_path))
+    t_read = time.perf_counter()
+    return preprocess_arrays(image, info.affine, None, ensemble.preprocess), info, t_read
+
+
 def segment_scan(
     image_path: Path | None,
     ensemble: Ensemble,
@@ -84,20 +101,8 @@ def segment_scan(
     [low, high) (``ScanSegmentation.uncertain``), the pseudo-label voxels a student may ignore.
     """
     t0 = time.perf_counter()
-    case: PreprocessedCase
-    if cached_case is not None:  # already preprocessed (with its label) by the round, with these settings
-        t_read = t0
-        case = load_preprocessed(Path(cached_case))
-        info = scan_info(case.native_affine, case.native_shape)
-    elif cache_dir is not None and image_hash:
-        t_read = t0
-        path, _ = cached_preprocess(Path(cache_dir), Path(image_path), image_hash, ensemble.preprocess)
-        case = load_preprocessed(path)
-        info = scan_info(case.native_affine, case.native_shape)
-    else:
-        image, info = image if image is not None else read_image(Path(image_path))
-        t_read = time.perf_counter()
-        case = preprocess_arrays(image, info.affine, None, ensemble.preprocess)
+    case, info, t_read = _case_of(image_path, ensemble, cache_dir, image_hash, cached_case, image)
+    t_read = t0 if t_read is None else t_read
     t_pre = time.perf_counter()
     out = predict_ensemble(ensemble.members, case.image, overlap=overlap, tta=tta, device=ensemble.device,
                            predictors=ensemble.predictors)
@@ -155,6 +160,43 @@ def _mask_name(path: Path) -> str:
     return f"{path.name}.nii.gz" if path.is_dir() else path.name
 
 
+def _predict_one(path: Path, problem: str, output_dir: Path, ensemble: Ensemble, written: dict[str, str],
+                 **options) -> dict:
+    """Segment one input of :func:`predict_folder` into ``output_dir`` (``options``: overlap, tta,
+    overlays, dicom_seg); its row of ``predictions_info.csv``. ``written``: mask name -> the input it
+    came from, updated here."""
+    from data_catalog.dicom import make_seg, save_seg
+    from data_catalog.overlays import overlay_png
+    from data_catalog.scans import ScanError, save_nifti_like
+
+    row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": path.name}
+    name = _mask_name(path)
+    try:
+        if problem:
+            raise ScanError(problem)
+        if name in written:
+            raise ScanError(f"its mask {name} is already the mask of {written[name]}; rename one of them")
+        seg = segment_scan(path, ensemble, overlap=options["overlap"], tta=options["tta"])
+        seg_dataset = make_seg(seg.mask, path) if options["dicom_seg"] and path.is_dir() else None
+    except ScanError as e:
+        return row | {"status": "rejected", "reason": str(e)}
+    save_nifti_like(seg.mask, path, output_dir / name)
+    written[name] = path.name
+    if seg_dataset is not None:
+        save_seg(seg_dataset, output_dir / f"{path.name}.seg.dcm")
+    row.update(status="ok", predicted_volume_ml=round(seg.volume_ml, 3), abc2_volume_ml=round(seg.abc2_volume_ml, 3),
+               n_lesions=seg.n_lesions, largest_lesion_ml=round(seg.largest_lesion_ml, 3),
+               consensus=seg.scores["consensus"], inference_seconds=round(seg.seconds, 3),
+               **{k: round(seg.scores[k], 4) for k in ("predicted_dice", "agreement", "union_agreement",
+                                                      "mean_max_probability", "volume_cv")})
+    if options["overlays"]:
+        image, info = read_image(path)
+        stem = name.removesuffix(".gz").removesuffix(".nii")
+        overlay_png(image, seg.mask, info.affine, output_dir / "overlays" / f"{stem}.png",
+                    title=f"{path.name}: {seg.volume_ml:.1f} ml in {seg.n_lesions} lesion(s)")
+    return row
+
+
 def predict_folder(
     input_dir: Path,
     output_dir: Path,
@@ -175,9 +217,8 @@ def predict_folder(
     leaves a valid table). Unusable scans get a row with their reason and are skipped. Nothing in
     ``input_dir`` is written to. ``on_scan(i, n, row)`` reports progress.
     """
-    from data_catalog.dicom import check_seg_writer, make_seg, save_seg
-    from data_catalog.overlays import overlay_png
-    from data_catalog.scans import ScanError, atomic_write, save_nifti_like
+    from data_catalog.dicom import check_seg_writer
+    from data_catalog.scans import atomic_write
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.exists():
@@ -195,33 +236,8 @@ def predict_folder(
     table = output_dir / "predictions_info.csv"
     written: dict[str, str] = {}  # mask name -> the input it came from
     for i, (path, problem) in enumerate(inputs, 1):
-        row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": path.name}
-        name = _mask_name(path)
-        try:
-            if problem:
-                raise ScanError(problem)
-            if name in written:
-                raise ScanError(f"its mask {name} is already the mask of {written[name]}; rename one of them")
-            seg = segment_scan(path, ensemble, overlap=overlap, tta=tta)
-            seg_dataset = make_seg(seg.mask, path) if dicom_seg and path.is_dir() else None
-        except ScanError as e:
-            row.update(status="rejected", reason=str(e))
-        else:
-            save_nifti_like(seg.mask, path, output_dir / name)
-            written[name] = path.name
-            if seg_dataset is not None:
-                save_seg(seg_dataset, output_dir / f"{path.name}.seg.dcm")
-            row.update(status="ok", predicted_volume_ml=round(seg.volume_ml, 3),
-                       abc2_volume_ml=round(seg.abc2_volume_ml, 3), n_lesions=seg.n_lesions,
-                       largest_lesion_ml=round(seg.largest_lesion_ml, 3),
-                       consensus=seg.scores["consensus"], inference_seconds=round(seg.seconds, 3),
-                       **{k: round(seg.scores[k], 4) for k in ("predicted_dice", "agreement", "union_agreement",
-                                                              "mean_max_probability", "volume_cv")})
-            if overlays:
-                image, info = read_image(path)
-                stem = name.removesuffix(".gz").removesuffix(".nii")
-                overlay_png(image, seg.mask, info.affine, output_dir / "overlays" / f"{stem}.png",
-                            title=f"{path.name}: {seg.volume_ml:.1f} ml in {seg.n_lesions} lesion(s)")
+        row = _predict_one(path, problem, output_dir, ensemble, written, overlap=overlap, tta=tta, overlays=overlays,
+                           dicom_seg=dicom_seg)
         rows.append(row)
         df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
         atomic_write(table, lambda tmp, df=df: df.to_csv(tmp, index=False))

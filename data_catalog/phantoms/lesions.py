@@ -375,16 +375,8 @@ def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
     return str(keys[int(rng.choice(len(keys), p=p / p.sum()))])
 
 
-def _plan_lesions(rng: np.random.Generator, head: _Head, pose: _Pose) -> list[_Lesion]:
-    """Draw the case's bleeds from the real statistics; sets the head's mass effect.
-
-    Total volume is log-normal (median 10.7 ml, quartiles 3.8 / 29.2, clipped to 0.12..150 ml). The number of
-    separate bleeds is 1 with p = ``_P_SINGLE_COMPONENT``, else 1 + ceil(log-normal, median 1.6), at most 34.
-    The main bleed takes 45..90% of the volume and the rest is split unevenly (Dirichlet 0.7) among satellites
-    placed near it (contusions, SAH, small SDH, IVH), so many are tiny. The main type is drawn from
-    ``_TYPE_WEIGHTS`` among those that fit the volume (EDH >= 4 ml, IVH <= 25 ml, SAH <= 60 ml); an IPH above
-    80 ml passes the excess to the ventricles.
-    """
+def _draw_kinds(rng: np.random.Generator) -> tuple[list[str], list[float]]:
+    """The bleeds' types and volumes (ml), the main bleed first (see :func:`_plan_lesions`)."""
     total = float(np.clip(math.exp(rng.normal(_VOL_LOG_MEDIAN, _VOL_LOG_SIGMA)), *_VOL_RANGE_ML))
     n = 1 if rng.random() < _P_SINGLE_COMPONENT else min(_MAX_COMPONENTS,
                                                            1 + math.ceil(math.exp(rng.normal(math.log(1.6), 1.0))))
@@ -415,8 +407,13 @@ def _plan_lesions(rng: np.random.Generator, head: _Head, pose: _Pose) -> list[_L
         else:
             kinds.append("IVH")
             volumes.append(excess)
+    return kinds, volumes
 
-    mc = _MonteCarlo(rng, head, pose)
+
+def _place(rng: np.random.Generator, head: _Head, mc: _MonteCarlo, kinds: list[str], volumes: list[float]
+           ) -> tuple[list[_Lesion], float | None]:
+    """Each bleed placed in the head, satellites near the main one; an IVH's volume is returned
+    (it is made last, once the mass effect has moved the ventricles)."""
     lesions: list[_Lesion] = []
     taken: list[tuple[np.ndarray, float]] = []
     ivh_ml = None
@@ -439,7 +436,11 @@ def _plan_lesions(rng: np.random.Generator, head: _Head, pose: _Pose) -> list[_L
             ivh_ml = ml
         if i == 0 and lesions:
             z_main = float(_lesion_centre(lesions[0], head)[2])
+    return lesions, ivh_ml
 
+
+def _mass_effect(rng: np.random.Generator, head: _Head, lesions: list[_Lesion]) -> None:
+    """Midline shift, compression and effaced sulci of the head from its space-occupying bleeds."""
     # Mass effect grows with the volume of space-occupying supratentorial bleeds: ~1 mm shift per 10 ml.
     mass = [les for les in lesions if isinstance(les, _IPH | _ExtraAxial) and les.where not in ("cerebellum", "pons")]
     mass_ml = sum(les.planned_ml for les in mass)
@@ -453,6 +454,22 @@ def _plan_lesions(rng: np.random.Generator, head: _Head, pose: _Pose) -> list[_L
         if les.planned_ml > 8:  # sulci near a sizeable bleed are effaced
             centre = les.centre if isinstance(les, _IPH) else les.direction * (les.surface_mm - les.thick)
             head.effacers.append((centre, 12 + 1.2 * les.planned_ml ** (1 / 3) * 3))
+
+
+def _plan_lesions(rng: np.random.Generator, head: _Head, pose: _Pose) -> list[_Lesion]:
+    """Draw the case's bleeds from the real statistics; sets the head's mass effect.
+
+    Total volume is log-normal (median 10.7 ml, quartiles 3.8 / 29.2, clipped to 0.12..150 ml). The number of
+    separate bleeds is 1 with p = ``_P_SINGLE_COMPONENT``, else 1 + ceil(log-normal, median 1.6), at most 34.
+    The main bleed takes 45..90% of the volume and the rest is split unevenly (Dirichlet 0.7) among satellites
+    placed near it (contusions, SAH, small SDH, IVH), so many are tiny. The main type is drawn from
+    ``_TYPE_WEIGHTS`` among those that fit the volume (EDH >= 4 ml, IVH <= 25 ml, SAH <= 60 ml); an IPH above
+    80 ml passes the excess to the ventricles.
+    """
+    kinds, volumes = _draw_kinds(rng)
+    mc = _MonteCarlo(rng, head, pose)
+    lesions, ivh_ml = _place(rng, head, mc, kinds, volumes)
+    _mass_effect(rng, head, lesions)
     if ivh_ml is not None:
         lesions.append(_make_ivh(rng, head, mc, ivh_ml))
     return lesions

@@ -199,40 +199,58 @@ def _paint_deep(ck: _Chunk, hu: np.ndarray) -> None:
     blob((0.0, 24.0 * h.b / 83, -37.0), (5.0, 3.5, 6.0), h.hu["csf"], deformed=False)  # fourth ventricle
 
 
+def _region(ck: _Chunk, centre: tuple[float, ...], semi: tuple[float, ...]) -> tuple[Any, _Points | None]:
+    """The chunk's window around ``centre`` (half-sizes ``semi``, mm) and its points (None: outside)."""
+    win = ck.window(np.subtract(centre, semi), np.add(centre, semi))
+    return win, None if win is None else ck.sub(win)
+
+
 def _paint_base(ck: _Chunk, hu: np.ndarray) -> None:
-    """Skull base details in the lowest slices: petrous bones, mastoid air cells, sphenoid sinus, pharynx."""
+    """Skull base details in the lowest slices: petrous bones, mastoid air cells, orbits, sinuses,
+    the foramen magnum and the pharynx (painted in this order: later ones overwrite)."""
+    _paint_temporal(ck, hu)
+    _paint_orbits(ck, hu)
+    _paint_midline(ck, hu)
+
+
+def _paint_temporal(ck: _Chunk, hu: np.ndarray) -> None:
+    """Petrous bones and mastoid air cells, both sides."""
     h = ck.pts.head
-
-    def region(centre: tuple[float, ...], semi: tuple[float, ...]) -> tuple[Any, _Points | None]:
-        win = ck.window(np.subtract(centre, semi), np.add(centre, semi))
-        return win, None if win is None else ck.sub(win)
-
     for side in (1, -1):
         yaw = _rotation(math.radians(side * 40), 0, 0).T
         c, ax = (side * 30.0, 12.0, h.floor_mid + 1), (20.0, 6.0, 7.0)
-        win, q = region(c, (20, 20, 7))
+        win, q = _region(ck, c, (20, 20, 7))
         if q is not None:
             hu[win][_ellipsoid(q.x, q.y, q.z, c, ax, yaw) < 1] = h.hu["petrous"]
         c, ax = (side * 0.8 * h.a, 18.0, h.floor_mid - 12), (9.0, 12.0, 10.0)
-        win, q = region(c, ax)
+        win, q = _region(ck, c, ax)
         if q is not None:
             m = (_ellipsoid(q.x, q.y, q.z, c, ax) < 1) & ~q.cavity
             hu[win][m] = h.hu["base"]
             hu[win][m & (ck.field(h.cells, win) > 0.3)] = _AIR
-    # orbits (fat cone, globe, thin bony wall) under the orbital roofs, ethmoid air cells between them
+
+
+def _paint_orbits(ck: _Chunk, hu: np.ndarray) -> None:
+    """Orbits (fat cone, globe, thin bony wall) under the orbital roofs."""
+    h = ck.pts.head
     for side in (1, -1):
         d = _unit(np.array([side * 0.47 * h.a, -h.b, h.floor_ant - 17]))
         reach = _surface_distance(h, d)
         c, ax = tuple(d * (reach - 12)), (15.0, 19.0, 13.0)
-        win, q = region(c, np.add(ax, 2))
+        win, q = _region(ck, c, np.add(ax, 2))
         if q is not None:
             inside = ~q.cavity & (q.s < h.skull_mm + h.scalp_mm - 2)
             hu[win][(_ellipsoid(q.x, q.y, q.z, c, np.add(ax, 2)) < 1) & inside] = h.hu["base"]
             hu[win][(_ellipsoid(q.x, q.y, q.z, c, ax) < 1) & inside] = h.hu["fat"]
             g = tuple(d * (reach - 3))
             hu[win][(_ellipsoid(q.x, q.y, q.z, g, (11.5, 11.5, 11.5)) < 1) & inside] = h.hu["csf"] + 5
+
+
+def _paint_midline(ck: _Chunk, hu: np.ndarray) -> None:
+    """Ethmoid air cells, frontal sinus, foramen magnum, sphenoid sinus and pharynx."""
+    h = ck.pts.head
     c, ax = (0.0, -(0.8 * h.b - 18), h.floor_ant - 13), (10.0, 19.0, 11.0)
-    win, q = region(c, ax)
+    win, q = _region(ck, c, ax)
     if q is not None:
         m = (_ellipsoid(q.x, q.y, q.z, c, ax) < 1) & ~q.cavity
         hu[win][m] = h.hu["diploe"]
@@ -240,7 +258,7 @@ def _paint_base(ck: _Chunk, hu: np.ndarray) -> None:
     if h.frontal_sinus is not None:  # air between the tables of the frontal bone, above the orbits
         d = _unit(np.array([0.0, -h.b, h.floor_ant + 14]))
         c = tuple(d * (_surface_distance(h, d) + h.skull_mm / 2 + 1))
-        win, q = region(c, np.add(h.frontal_sinus, 2))
+        win, q = _region(ck, c, np.add(h.frontal_sinus, 2))
         if q is not None:
             hu[win][(_ellipsoid(q.x, q.y, q.z, c, np.add(h.frontal_sinus, 1.5)) < 1) & (q.s > 0)] = h.hu["table"]
             hu[win][(_ellipsoid(q.x, q.y, q.z, c, h.frontal_sinus) < 1) & (q.s > h.inner_table_mm)] = _AIR
@@ -251,13 +269,13 @@ def _paint_base(ck: _Chunk, hu: np.ndarray) -> None:
         hu[win][canal] = h.hu["csf"]
         hu[win][canal & (h.brainstem_r2(q) < 0.45)] = h.hu["wm"] + 3
     c, ax = (0.0, -16.0, h.floor_sella - 13), (13.0, 10.0, 9.0)
-    win, q = region(c, np.add(ax, 2))
+    win, q = _region(ck, c, np.add(ax, 2))
     if q is not None:
         outside = ~q.cavity
         hu[win][(_ellipsoid(q.x, q.y, q.z, c, np.add(ax, 1.5)) < 1) & outside] = h.hu["base"]
         hu[win][(_ellipsoid(q.x, q.y, q.z, c, ax) < 1) & outside] = _AIR
     c, ax = (0.0, -30.0, h.floor_sella - 42), (14.0, 9.0, 14.0)
-    win, q = region(c, ax)
+    win, q = _region(ck, c, ax)
     if q is not None:
         hu[win][_ellipsoid(q.x, q.y, q.z, c, ax) < 1] = _AIR
 
