@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_catalog.scans import _MAX_VOXELS, ScanError, ScanInfo, atomic_write, scan_info
+from data_catalog.files import MAX_VOXELS as _MAX_VOXELS
+from data_catalog.files import ScanError, ScanInfo, atomic_write, scan_info
 
 __all__ = [
     "DicomSeries",

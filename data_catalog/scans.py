@@ -1,5 +1,6 @@
-"""Reading and validating NIfTI scans and labels, content hashes, atomic writes; DICOM series
-folders are read by ``data_catalog.dicom`` and pass through the same checks here.
+"""Reading and validating NIfTI scans and labels, and content hashes; DICOM series
+folders are read by ``data_catalog.dicom`` and pass through the same checks here. The error, the
+geometry and atomic writes they share come from ``data_catalog.files`` (and are importable from here).
 
 Every check turns a defect of real data into a ``ScanError`` with a one-line reason, so that the
 catalog can record it, show it and go on with the other files. Original files are only read.
@@ -12,15 +13,14 @@ import hashlib
 import io
 import logging
 import math
-import os
-import tempfile
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from data_catalog.files import MAX_VOXELS as _MAX_VOXELS
+from data_catalog.files import ScanError, ScanInfo, atomic_write, scan_info
 
 __all__ = [
     "ScanError",
@@ -41,21 +41,6 @@ log = logging.getLogger(__name__)
 _NIFTI1_SIZE, _NIFTI2_SIZE = 348, 540
 # HU sanity: a head CT has air (about -1000 HU, or padding below it) and bone (hundreds of HU)
 _AIR_HU, _BONE_HU = -500.0, 200.0
-_MAX_VOXELS = 1 << 30  # 1.07e9 voxels: several times the largest head CT (512 x 512 x 1000)
-
-
-class ScanError(ValueError):
-    """A file that cannot be used, with a one-line reason meant for people."""
-
-
-@dataclass(frozen=True)
-class ScanInfo:
-    """What the catalog records of a readable image."""
-
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]  # mm, pixdim[1:4]
-    orientation: str  # axis codes, e.g. "LPS"
-    affine: np.ndarray
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -151,17 +136,6 @@ def _squeeze_to_3d(data: np.ndarray) -> np.ndarray:
     if min(data.shape) < 1:
         raise ScanError(f"empty volume with shape {tuple(data.shape)}")
     return data
-
-
-def scan_info(affine: np.ndarray, shape: tuple[int, ...]) -> ScanInfo:
-    """A scan's geometry from its affine: the one source of its voxel spacing (mm) and orientation,
-    whether the scan was just read or comes from the preprocessing cache."""
-    affine = np.asarray(affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise ScanError("invalid affine (not finite or singular)")
-    spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))
-    codes = "".join(nib.aff2axcodes(affine))
-    return ScanInfo(shape=tuple(int(s) for s in shape[:3]), spacing=spacing, orientation=codes, affine=affine)
 
 
 def _info(img: nib.Nifti1Image, shape: tuple[int, ...]) -> ScanInfo:
@@ -290,45 +264,6 @@ def check_label_matches(image: ScanInfo, label: ScanInfo, tol_mm: float = 1e-3) 
     diff = float(np.max(np.abs(image.affine - label.affine)))
     if diff > tol_mm:
         raise ScanError(f"label affine differs from the image's (max difference {diff:.4g} mm)")
-
-
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0o666 less the process umask (read without changing it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # no /proc: the classic read-and-restore
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    Readers never see a half-written file, and a crash or a full disk leaves no partial file
-    (the temporary one is removed on any error). The file gets the permissions a plain ``open()``
-    would give it (0o644 under the usual umask), not the private mode of a temporary file.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
-    try:
-        os.fchmod(fd, _new_file_mode())
-        os.close(fd)
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a read-only folder: name the file, not the temporary one
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_nifti_like(array: np.ndarray, reference: Path | nib.Nifti1Image, path: Path) -> None:

@@ -16,10 +16,14 @@ are not copied into it: loading the model fetches them from those runs, so each 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -29,9 +33,11 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-__all__ = ["ENSEMBLE_ARTIFACT", "EnsembleModel", "model_ensemble_dir", "save_ensemble_model", "signature"]
+__all__ = ["CHECKPOINT_ARTIFACT", "ENSEMBLE_ARTIFACT", "EnsembleModel", "fetch_member_checkpoints",
+           "model_ensemble_dir", "save_ensemble_model", "signature"]
 
 ENSEMBLE_ARTIFACT = "ensemble"  # the key (and folder) of the ensemble inside the pyfunc model
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"  # where a member run keeps its checkpoint
 _SCORES = ("predicted_dice", "agreement", "union_agreement", "mean_max_probability", "volume_cv")
 _REQUIREMENTS = ("torch", "monai", "nibabel", "numpy", "pandas", "scipy", "pydantic", "mlflow", "pydicom")
 
@@ -94,7 +100,6 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     """The pyfunc face of ``viola_models.segment.segment_scan`` (see the module's docstring)."""
 
     def load_context(self, context) -> None:
-        from tasks.tracking import fetch_member_checkpoints
         from viola_models.backends import InferenceSettings
         from viola_models.ensemble import load_ensemble
         from viola_models.predictors import resolve_device
@@ -185,3 +190,32 @@ def model_ensemble_dir(model_dir: Path) -> Path | None:
     flavor = Model.load(str(Path(model_dir) / "MLmodel")).flavors.get("python_function", {})
     rel = flavor.get("artifacts", {}).get(ENSEMBLE_ARTIFACT, {}).get("path")
     return Path(model_dir) / rel if rel else None
+
+
+def fetch_member_checkpoints(folder: Path, tracking_uri: str) -> None:
+    """Download into ``folder`` the member checkpoints that its manifest keeps on member runs."""
+    from viola_models.ensemble import MANIFEST
+
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
+    for member in manifest.get("members", []) if isinstance(manifest, dict) else []:
+        rel, run_id = member.get("checkpoint"), member.get("run_id")
+        if not (isinstance(rel, str) and run_id) or (folder / rel).exists() or ".." in Path(rel).parts:
+            continue  # stored with the manifest (older versions, imported ensembles); bad entries fail at load
+        with tempfile_dir(folder) as tmp:
+            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
+                                                           tracking_uri=tracking_uri, dst_path=str(tmp)))
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, folder / rel)
+
+
+@contextlib.contextmanager
+def tempfile_dir(beside: Path) -> Iterator[Path]:
+    """A temporary folder inside ``beside`` (same filesystem: its files move in with a rename)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=beside))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

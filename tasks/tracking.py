@@ -30,6 +30,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from tasks.ensemble_model import fetch_member_checkpoints, model_ensemble_dir, save_ensemble_model
+
 __all__ = [
     "TrackingUnavailable",
     "client_for",
@@ -398,17 +400,12 @@ def code_version() -> str:
     return f"{ver}+g{commit}{'-dirty' if dirty else ''}" if commit else ver
 
 
-CHECKPOINT_ARTIFACT = "checkpoint/best.pt"  # where a member run keeps its checkpoint
-
-
 def log_ensemble(client: MlflowClient, run_id: str, folder: Path) -> None:
     """Log an ensemble folder as ``run_id``'s ``ensemble`` artifact, a pyfunc model
     (``tasks.ensemble_model``), without the member checkpoints that its manifest ties to member
     runs (each is already that run's ``checkpoint/best.pt``): a paper round's ten checkpoints are
     stored once, not twice."""
     import tempfile
-
-    from tasks.ensemble_model import save_ensemble_model
 
     with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:
         model = save_ensemble_model(Path(folder), Path(tmp) / "model")
@@ -419,42 +416,11 @@ def download_ensemble(model_uri: str, tracking_uri: str, dst: Path | None = None
     """An ensemble folder from MLflow (``models:/NAME@champion``, ``runs:/ID/ensemble``): the
     manifest and calibration of the version (inside its pyfunc model, ``tasks.ensemble_model``,
     or, for older versions, the folder itself), and each member's checkpoint from its member run."""
-    from tasks.ensemble_model import model_ensemble_dir
-
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri,
                                                       dst_path=str(dst) if dst else None))
     folder = model_ensemble_dir(folder) or folder
     fetch_member_checkpoints(folder, tracking_uri)
     return folder
-
-
-def fetch_member_checkpoints(folder: Path, tracking_uri: str) -> None:
-    """Download into ``folder`` the member checkpoints that its manifest keeps on member runs."""
-    from viola_models.ensemble import MANIFEST
-
-    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
-    for member in manifest.get("members", []) if isinstance(manifest, dict) else []:
-        rel, run_id = member.get("checkpoint"), member.get("run_id")
-        if not (isinstance(rel, str) and run_id) or (folder / rel).exists() or ".." in Path(rel).parts:
-            continue  # stored with the manifest (older versions, imported ensembles); bad entries fail at load
-        with tempfile_dir(folder) as tmp:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
-                                                           tracking_uri=tracking_uri, dst_path=str(tmp)))
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(got, folder / rel)
-
-
-@contextlib.contextmanager
-def tempfile_dir(beside: Path) -> Iterator[Path]:
-    """A temporary folder inside ``beside`` (same filesystem: its files move in with a rename)."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=beside))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_ensemble_dir(model_uri: str | None = None, round_: int | None = None, checkpoints: Path | None = None,

@@ -8,13 +8,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:  # annotations only: the head is drawn in anatomy, which builds on this module
-    from data_catalog.phantoms.anatomy import _Head
-
 
 # Both sizes share the field of view (matrix x spacing = 220..256 mm) and the physics; "small" has 4x coarser
 # in-plane sampling. One per-case draw picks the spacing inside the range, the same draw for both sizes.
@@ -125,6 +121,27 @@ class _Geometry:
         half = (self.matrix - 1) / 2 * self.spacing
         return np.array([[-self.spacing, 0, 0, half], [0, -self.spacing, 0, half],
                          [0, 0, self.slice_mm, self.z_bottom + self.slice_mm / 2], [0, 0, 0, 1]], np.float64)
+
+
+class _Head(Protocol):
+    """What sample points ask of the head they lie in (``data_catalog.phantoms.anatomy._Head``
+    is one; it is drawn there, on top of this module)."""
+
+    sulci: _Waves
+    tent_z0: float
+
+    @property
+    def floor_top(self) -> float: ...
+
+    def signed_dist(self, p: _Points) -> np.ndarray: ...
+
+    def floor(self, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+
+    def tentorium(self, x: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+
+    def fissure_exists(self, y: np.ndarray, z: np.ndarray) -> np.ndarray: ...
+
+    def shifted_x(self, p: _Points) -> np.ndarray: ...
 
 
 class _Points:
