@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 from monai.losses import DiceFocalLoss  # noqa: E402
 
 from viola_models import ViolaAttention  # noqa: E402
-from viola_models.configs import build_model, count_parameters  # noqa: E402
-from viola_models.predictors import as_predictor  # noqa: E402
+from viola_models.inference.predictors import as_predictor  # noqa: E402
+from viola_models.nets.configs import build_model, count_parameters  # noqa: E402
 
 
 def _sync(device: str) -> None:

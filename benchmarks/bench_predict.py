@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_catalog.phantoms import generate_phantom
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import save_nifti_like
-from viola_models.backends import InferenceSettings, cpu_bf16_supported, openvino_available
-from viola_models.configs import build_model, model_config
-from viola_models.ensemble import load_ensemble, write_ensemble
-from viola_models.segment import segment_scan
+from viola_models.inference.backends import InferenceSettings, cpu_bf16_supported, openvino_available
+from viola_models.inference.ensemble import load_ensemble, write_ensemble
+from viola_models.inference.segment import segment_scan
+from viola_models.nets.configs import build_model, model_config
 
 
 def machine() -> str:
@@ -79,8 +79,8 @@ def write_scans(folder: Path, n: int, first_seed: int = 100) -> tuple[list[Path]
     """Full-size phantoms; also the median post-processing time on their reference masks."""
     import nibabel as nib
 
-    from viola_models.metrics import abc2_volume_ml
-    from viola_models.segment import _components
+    from viola_models.evaluation.metrics import abc2_volume_ml
+    from viola_models.inference.segment import _components
 
     paths, post = [], []
     for i in range(n):
@@ -164,7 +164,7 @@ MIN_GUARDED_VOXELS = 100  # a ratio on a handful of voxels says nothing: smaller
 def accuracy(args, tmp: Path) -> None:
     """Masks of every backend against the fp32 eager mask, with a trained ensemble."""
     from data_catalog.preprocessing import preprocess_arrays
-    from viola_models.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
+    from viola_models.inference.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
 
     pairs = [("torch", "fp32")] + [b for b in _backends(args.backends, "cpu") if b != ("torch", "fp32")]
     loaded = {b: load_ensemble(args.ensemble, inference=InferenceSettings(

@@ -22,7 +22,7 @@ What it reports (``report.txt``):
 * for the key differences (round 1 - control 1, round 1 - round 0, round 2 - round 1, ...) the
   primary statistic, fixed before the runs: the mean paired per-case difference of test DSC at the
   round's final ensemble, with its 95 % interval from a two-level bootstrap (seeds, then test cases
-  within a seed, the same cases for both arms: ``viola_models.evaluation.two_level_bootstrap``), and
+  within a seed, the same cases for both arms: ``viola_models.evaluation.scoring.two_level_bootstrap``), and
   the share of seeds where the first arm wins; gap closed = (round 1 - control 1) / (oracle 1 -
   control 1) with its interval;
 * the quality of the selected pseudo-labels against the hidden truth, and the rank correlation of
@@ -131,8 +131,8 @@ def _transductive(root: Path, out: Path, profile: str) -> dict[str, float]:
 
     from data_catalog.catalog import TRUTH_DIR
     from flows.profiles import load_profile
-    from viola_models.ensemble import load_ensemble
-    from viola_models.pseudo_labels import label_scans, with_true_dice
+    from viola_models.inference.ensemble import load_ensemble
+    from viola_models.inference.pseudo_labels import label_scans, with_true_dice
 
     settings = load_profile(profile, root)
     rounds = root / "viola_work" / "rounds"
@@ -270,7 +270,7 @@ def _arm_lines(per_seed: dict[int, dict], seeds: list[int], trans: dict) -> list
 
 def _difference_lines(out: Path, seeds: list[int]) -> list[str]:
     """The primary statistic of each key difference, and the gap closed by round 1."""
-    from viola_models.evaluation import paired_difference, two_level_bootstrap
+    from viola_models.evaluation.scoring import paired_difference, two_level_bootstrap
 
     lines = []
     lines += ["paired differences of test DSC per case at the final ensembles, mean over seeds [95% CI, "

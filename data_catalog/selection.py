@@ -1,7 +1,7 @@
 """Which pseudo-labels enter training: a calibrated, auditable selection rule.
 
 The paper picked the best prediction per scan by hand (section 3.5). Here the ensemble scores
-every candidate (``viola_models.quality.confidence_scores``), a calibration learnt where the
+every candidate (``viola_models.inference.quality.confidence_scores``), a calibration learnt where the
 truth is known (the members' out-of-fold predictions of labelled scans) turns the score into a
 predicted Dice, and the rule keeps the pseudo-labels whose predicted Dice reaches a target
 quality. Every decision is recorded with its reason.

@@ -396,7 +396,7 @@ def predict(
     _setup()
     import time
 
-    from viola_models.segment import predict_folder
+    from viola_models.inference.segment import predict_folder
 
     if dicom_seg:
         from data_catalog.dicom import check_seg_writer
@@ -449,9 +449,9 @@ def _load_model(choice: _ModelChoice):
 
     from flows.profiles import ProfileError, load_profile
     from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
-    from viola_models.backends import resolve_backend
-    from viola_models.ensemble import load_ensemble
-    from viola_models.predictors import resolve_device
+    from viola_models.inference.backends import resolve_backend
+    from viola_models.inference.ensemble import load_ensemble
+    from viola_models.inference.predictors import resolve_device
 
     try:
         device = str(resolve_device(choice.device))
@@ -511,8 +511,8 @@ def import_reference(
     and for a round 0 that starts from them (`[members] init` in a profile)."""
     _setup()
     from flows.profiles import ProfileError, load_profile
-    from viola_models.ensemble import read_manifest
-    from viola_models.reference import import_reference_checkpoints
+    from viola_models.inference.ensemble import read_manifest
+    from viola_models.nets.reference import import_reference_checkpoints
 
     try:
         preprocess = load_profile(profile).preprocess if profile else None

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.selection import SelectionRule
 from tasks.compute import ComputeSettings
-from viola_models.backends import InferenceSettings
+from viola_models.inference.backends import InferenceSettings
 from viola_models.training import TrainSettings
 
 __all__ = ["PipelineSettings", "ProfileError", "load_profile", "parse_overrides", "profile_names"]
@@ -55,7 +55,7 @@ class MembersSettings(BaseModel):
 
     ``init``: an ensemble folder (e.g. the authors' checkpoints, ``viola import-reference``) whose
     members round 0 fine-tunes instead of training from scratch: the member of the same name, else
-    those of the same architecture in turn (``viola_models.ensemble.initial_member``)."""
+    those of the same architecture in turn (``viola_models.inference.ensemble.initial_member``)."""
 
     model_config = ConfigDict(extra="forbid")
     architectures: list[str] = Field(default_factory=lambda: ["viola_l", "nnunet_r"])
@@ -65,7 +65,7 @@ class MembersSettings(BaseModel):
 
 class CalibrationSettings(BaseModel):
     """How the selection rule's score is calibrated: each fold's members predict their own
-    validation scans (out of fold, see ``viola_models.quality``) at this sliding-window overlap."""
+    validation scans (out of fold, see ``viola_models.inference.quality``) at this sliding-window overlap."""
 
     model_config = ConfigDict(extra="forbid")
     overlap: float = Field(0.5, ge=0, lt=1)
@@ -291,7 +291,7 @@ def load_profile(profile: str | Path, data_root: str | Path | None = None,
     settings.data.root = settings.data.root.expanduser().resolve()
     if settings.members.init is not None:
         settings.members.init = settings.members.init.expanduser().resolve()
-        from viola_models.ensemble import EnsembleError, initial_member
+        from viola_models.inference.ensemble import EnsembleError, initial_member
 
         try:  # every member of round 0 must find its starting point now, not hours into the round
             for arch in settings.members.architectures:

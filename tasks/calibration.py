@@ -14,7 +14,7 @@ from data_catalog.scans import atomic_write
 from data_catalog.selection import fit_calibration
 from tasks import tracking
 from tasks.context import RoundContext
-from viola_models.quality import SCORE_NAMES, out_of_fold_scores
+from viola_models.inference.quality import SCORE_NAMES, out_of_fold_scores
 
 log = logging.getLogger(__name__)
 

@@ -178,7 +178,7 @@ def worker_device(device: str, threads: int | None) -> str:
     this worker, if any)."""
     import torch
 
-    from viola_models.predictors import resolve_device
+    from viola_models.inference.predictors import resolve_device
 
     if threads:
         torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ from tasks.rounds import RoundPlan
 
 if TYPE_CHECKING:  # the validated profile; tasks read it, only flows load it
     from flows.profiles import PipelineSettings
-    from viola_models.backends import InferenceSettings
+    from viola_models.inference.backends import InferenceSettings
 
 __all__ = ["RoundContext"]
 
@@ -73,7 +73,7 @@ class RoundContext:
 
     @property
     def evaluate(self) -> dict:
-        """Keyword settings of ``viola_models.evaluation.evaluate_scans`` for the test scans."""
+        """Keyword settings of ``viola_models.evaluation.scoring.evaluate_scans`` for the test scans."""
         e = self.settings.evaluate
         return {"overlap": e.overlap, "tta": e.tta, "nsd_tolerance_mm": e.nsd_tolerance_mm}
 

@@ -9,7 +9,7 @@ One row per scan: ``mask`` (uint8 (X, Y, Z) on the scan's own grid, None when ``
 off), ``affine``, volumes (ml), lesion count, the ensemble's confidence scores and predicted Dice,
 ``mask_path`` (with ``output_dir``), and ``status``/``reason`` for scans that cannot be used.
 
-The model folder holds the ensemble folder (``viola_models.ensemble``) with its preprocessing
+The model folder holds the ensemble folder (``viola_models.inference.ensemble``) with its preprocessing
 settings, calibration and manifest. Member checkpoints that live on their member runs (a round's)
 are not copied into it: loading the model fetches them from those runs, so each is stored once.
 """
@@ -97,12 +97,12 @@ def _given(value) -> bool:
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc face of ``viola_models.segment.segment_scan`` (see the module's docstring)."""
+    """The pyfunc face of ``viola_models.inference.segment.segment_scan`` (see the module's docstring)."""
 
     def load_context(self, context) -> None:
-        from viola_models.backends import InferenceSettings
-        from viola_models.ensemble import load_ensemble
-        from viola_models.predictors import resolve_device
+        from viola_models.inference.backends import InferenceSettings
+        from viola_models.inference.ensemble import load_ensemble
+        from viola_models.inference.predictors import resolve_device
 
         folder = Path(context.artifacts[ENSEMBLE_ARTIFACT])
         fetch_member_checkpoints(folder, mlflow.get_tracking_uri())
@@ -110,7 +110,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from data_catalog.scans import ScanError, array_image, save_nifti_like
-        from viola_models.segment import segment_scan
+        from viola_models.inference.segment import segment_scan
 
         params = {"overlap": 0.5, "tta": False, "output_dir": "", "return_mask": True} | (params or {})
         out_dir = Path(params["output_dir"]) if params["output_dir"] else None
@@ -156,7 +156,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 def save_ensemble_model(folder: Path, dst: Path) -> Path:
     """Write ``folder`` (an ensemble folder) as a pyfunc model in the new folder ``dst``: the
     ensemble without the member checkpoints that its manifest ties to member runs."""
-    from viola_models.ensemble import read_manifest
+    from viola_models.inference.ensemble import read_manifest
 
     manifest = read_manifest(folder)
     on_runs = {m["checkpoint"] for m in manifest["members"] if m.get("run_id")}
@@ -194,7 +194,7 @@ def model_ensemble_dir(model_dir: Path) -> Path | None:
 
 def fetch_member_checkpoints(folder: Path, tracking_uri: str) -> None:
     """Download into ``folder`` the member checkpoints that its manifest keeps on member runs."""
-    from viola_models.ensemble import MANIFEST
+    from viola_models.inference.ensemble import MANIFEST
 
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     for member in manifest.get("members", []) if isinstance(manifest, dict) else []:

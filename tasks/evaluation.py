@@ -14,8 +14,8 @@ from tasks import tracking
 from tasks.compute import worker_device
 from tasks.context import RoundContext
 from tasks.progress import progress
-from viola_models.ensemble import load_ensemble
-from viola_models.evaluation import evaluate_scans, means_of
+from viola_models.evaluation.scoring import evaluate_scans, means_of
+from viola_models.inference.ensemble import load_ensemble
 
 log = logging.getLogger(__name__)
 

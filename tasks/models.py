@@ -9,7 +9,7 @@ from prefect import task
 
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.selection import Calibration
-from viola_models.ensemble import write_ensemble
+from viola_models.inference.ensemble import write_ensemble
 
 
 @task(name="assemble-ensemble")

@@ -20,8 +20,8 @@ from tasks import tracking
 from tasks.compute import worker_device
 from tasks.context import RoundContext
 from tasks.progress import progress
-from viola_models.ensemble import load_ensemble
-from viola_models.pseudo_labels import label_scans, truth_report, with_true_dice
+from viola_models.inference.ensemble import load_ensemble
+from viola_models.inference.pseudo_labels import label_scans, truth_report, with_true_dice
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from prefect import task
 
 from tasks import tracking
 from tasks.context import RoundContext
-from viola_models.ensemble import load_ensemble
-from viola_models.evaluation import evaluate_scans
+from viola_models.evaluation.scoring import evaluate_scans
+from viola_models.inference.ensemble import load_ensemble
 
 log = logging.getLogger(__name__)
 

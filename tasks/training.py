@@ -73,7 +73,7 @@ def plan_members(ctx: RoundContext, labelled: dict[str, str], folds: dict, pseud
             name = f"{arch}-fold{fold}"
             init = None
             if round_ == 0 and settings.members.init is not None:
-                from viola_models.ensemble import initial_member
+                from viola_models.inference.ensemble import initial_member
 
                 init = str(initial_member(settings.members.init, arch, fold))
             if round_ > 0 and settings.student.init == "teacher":

@@ -39,7 +39,7 @@ def ensemble_dir(tmp_path_factory) -> Path:
     from data_catalog.preprocessing import cached_preprocess
     from data_catalog.scans import file_sha256
     from tests.helpers import head_volume, write_nifti
-    from viola_models.ensemble import write_ensemble
+    from viola_models.inference.ensemble import write_ensemble
     from viola_models.training import TrainSettings, fit
 
     tmp = tmp_path_factory.mktemp("ens")

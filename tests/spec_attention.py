@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from viola_models.attention import ViolaAttention, ddcm_geometry
+from viola_models.nets.attention import ViolaAttention, ddcm_geometry
 
 STRIDES = (2, 2, 4, 4)
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from viola_models import backends
-from viola_models.backends import InferenceSettings, OpenVINOForward, prune_cache, resolve_backend
-from viola_models.reference import convert_reference_state_dict, from_reference_config
-from viola_models.sliding_window import make_predictors, predict_ensemble
+from viola_models.inference import backends
+from viola_models.inference.backends import InferenceSettings, OpenVINOForward, prune_cache, resolve_backend
+from viola_models.inference.sliding_window import make_predictors, predict_ensemble
+from viola_models.nets.reference import convert_reference_state_dict, from_reference_config
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference_viola" / "tiny_viola.pt"
 CPU = torch.device("cpu")
@@ -114,7 +114,7 @@ def test_the_cache_keeps_the_most_recently_used_entries(tmp_path):
 @needs_openvino
 def test_an_ensemble_on_openvino_predicts_as_the_torch_one(ensemble_dir, tmp_path):
     from tests.helpers import head_volume
-    from viola_models.ensemble import load_ensemble
+    from viola_models.inference.ensemble import load_ensemble
 
     img, _, aff = head_volume(seed=3)
     from data_catalog.preprocessing import preprocess_arrays

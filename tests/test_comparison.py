@@ -1,4 +1,4 @@
-"""viola_models.evaluation.two_level_bootstrap: the interval of a paired difference between two arms
+"""viola_models.evaluation.scoring.two_level_bootstrap: the interval of a paired difference between two arms
 scored on the same test cases over several seeds, on hand-made per-case tables."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from viola_models.evaluation import paired_difference, two_level_bootstrap
+from viola_models.evaluation.scoring import paired_difference, two_level_bootstrap
 
 
 def _seeds(effect: float, n_seeds: int = 5, n_cases: int = 64, noise: float = 0.07, seed: int = 0):

@@ -232,7 +232,7 @@ def test_a_round_logs_to_a_tracking_server_over_http(prefect_api, tmp_path, monk
     from flows.self_training import self_training
     from tasks import tracking
     from tests.servers import postgres
-    from viola_models.ensemble import load_ensemble
+    from viola_models.inference.ensemble import load_ensemble
 
     monkeypatch.chdir(tmp_path)
     root = _phantoms(tmp_path / "data")
@@ -263,8 +263,8 @@ def test_pseudo_labels_made_on_ray_are_those_made_here(ensemble_dir, prefect_api
     from flows.self_training import label_unlabelled
     from tasks.compute import task_runner
     from tests.helpers import head_volume, write_nifti
-    from viola_models.ensemble import load_ensemble
-    from viola_models.pseudo_labels import label_scans
+    from viola_models.inference.ensemble import load_ensemble
+    from viola_models.inference.pseudo_labels import label_scans
 
     (tmp_path / "unl").mkdir()
     scans = {}

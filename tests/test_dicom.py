@@ -334,8 +334,8 @@ def _sop_uids(folder: Path) -> list[str]:
 
 
 def test_predict_writes_masks_on_the_series_grid_and_a_dicom_seg(ensemble_dir, series_inputs, tmp_path):
-    from viola_models import segment
-    from viola_models.ensemble import load_ensemble
+    from viola_models.inference import segment
+    from viola_models.inference.ensemble import load_ensemble
 
     before = {p: file_sha256(p) for p in series_inputs.iterdir()}
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""viola_models.ensemble: the folder's manifest is validated with one-line reasons naming the file;
+"""viola_models.inference.ensemble: the folder's manifest is validated with one-line reasons naming the file;
 the registry's champion guard compares candidates only on the same test set."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from data_catalog.selection import Calibration
 from tests.helpers import head_volume, round_context, store_client, write_nifti
-from viola_models.ensemble import EnsembleError, load_ensemble, read_manifest, write_ensemble
+from viola_models.inference.ensemble import EnsembleError, load_ensemble, read_manifest, write_ensemble
 
 
 @pytest.fixture()

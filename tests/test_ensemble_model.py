@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from tests.helpers import head_volume, round_context, write_nifti
-from viola_models.ensemble import load_ensemble, read_manifest, write_ensemble
-from viola_models.segment import segment_scan
+from viola_models.inference.ensemble import load_ensemble, read_manifest, write_ensemble
+from viola_models.inference.segment import segment_scan
 
 
 @pytest.fixture()

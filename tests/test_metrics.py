@@ -1,4 +1,4 @@
-"""viola_models.metrics: INSTANCE 2022 metrics, volumes and ABC/2 against hand-computed cases.
+"""viola_models.evaluation.metrics: INSTANCE 2022 metrics, volumes and ABC/2 against hand-computed cases.
 
 Surfel geometry used by the hand computations (DeepMind / MONAI ``use_subvoxels=True``): surface elements sit in
 the 2x2x2 cells between voxel centres, i.e. at voxel corners, and distances are measured between those corner
@@ -19,7 +19,7 @@ import torch
 from monai.metrics import compute_surface_dice
 from monai.metrics.utils import get_edge_surface_distance
 
-from viola_models.metrics import abc2_volume_ml, evaluate_case, summarize, volume_ml
+from viola_models.evaluation.metrics import abc2_volume_ml, evaluate_case, summarize, volume_ml
 
 ANISO = (0.5, 0.5, 5.0)
 

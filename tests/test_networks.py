@@ -17,7 +17,7 @@ from viola_models import (
     from_reference_config,
     to_reference_state_dict,
 )
-from viola_models.configs import MODEL_CONFIGS, build_from_config, build_model, count_parameters
+from viola_models.nets.configs import MODEL_CONFIGS, build_from_config, build_model, count_parameters
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_viola"
 
@@ -234,7 +234,7 @@ def test_attention_matches_the_spec_transcription(channels, spatial, recompute, 
 
 def test_attention_fusion_backward_is_the_exact_gradient():
     """The full-size fusion recomputes A' in its backward: its gradients are those of the formula."""
-    from viola_models.attention import _AttentionFusion
+    from viola_models.nets.attention import _AttentionFusion
 
     torch.manual_seed(0)
     b, c, h, w, d = 2, 3, 4, 5, 3
@@ -325,7 +325,7 @@ def test_recomputed_fusion_gives_the_stored_gradients_on_cuda(reference, monkeyp
 
 @pytest.mark.parametrize("name", ["viola_tiny", "nnunet_tiny", "viola_small"])
 def test_folded_batch_norm_gives_the_same_output(name):
-    from viola_models.predictors import fold_batch_norm
+    from viola_models.inference.predictors import fold_batch_norm
 
     torch.manual_seed(0)
     model = build_model(name)
@@ -345,7 +345,7 @@ def test_folded_batch_norm_gives_the_same_output(name):
 
 @pytest.mark.gpu
 def test_cuda_graph_predictor_matches_eager(reference):
-    from viola_models.predictors import as_predictor
+    from viola_models.inference.predictors import as_predictor
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

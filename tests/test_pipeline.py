@@ -17,7 +17,7 @@ from data_catalog import catalog
 from tasks import tracking
 from tests import ui_check
 from tests.helpers import store_client
-from viola_models.ensemble import load_ensemble
+from viola_models.inference.ensemble import load_ensemble
 
 pytestmark = pytest.mark.slow
 

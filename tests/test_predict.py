@@ -15,9 +15,9 @@ from data_catalog.preprocessing import preprocess_arrays
 from data_catalog.scans import file_sha256
 from tests.conftest import PRE
 from tests.helpers import head_volume, round_context, write_nifti
-from viola_models import segment
-from viola_models.ensemble import load_ensemble
-from viola_models.sliding_window import EnsembleOutput
+from viola_models.inference import segment
+from viola_models.inference.ensemble import load_ensemble
+from viola_models.inference.sliding_window import EnsembleOutput
 
 
 @pytest.fixture()
@@ -180,7 +180,7 @@ def test_a_full_disk_leaves_no_partial_mask_and_one_line(ensemble_dir, scans, tm
 def test_scores_of_shares_of_the_test_scans_add_up_to_the_whole(ensemble_dir, tmp_path):
     """Evaluation fanned out over workers: the rows of each share, put together, give the same means
     as one pass over every scan (a rejected scan stays out of the means)."""
-    from viola_models.evaluation import evaluate_scans, means_of
+    from viola_models.evaluation.scoring import evaluate_scans, means_of
 
     scans = {}
     for i in range(3):

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.profiles import ProfileError, load_profile
 from tests.helpers import head_volume, round_context, write_nifti
-from viola_models.configs import build_model
-from viola_models.ensemble import EnsembleError, initial_member, load_member, read_manifest
-from viola_models.reference import (
+from viola_models.inference.ensemble import EnsembleError, initial_member, load_member, read_manifest
+from viola_models.nets.configs import build_model
+from viola_models.nets.reference import (
     REFERENCE_PATCH_SIZE,
     identify_reference_checkpoint,
     import_reference_checkpoints,

@@ -1,5 +1,5 @@
 """data_catalog.selection: calibrated selection of pseudo-labels, its categories, caps and recorded decisions;
-viola_models.quality.confidence_scores on hand-made member masks."""
+viola_models.inference.quality.confidence_scores on hand-made member masks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_catalog.selection import Calibration, SelectionRule, fit_calibration, select_pseudo_labels
-from viola_models.quality import confidence_scores
+from viola_models.inference.quality import confidence_scores
 
 
 def _table(rows: list[tuple]) -> pd.DataFrame:

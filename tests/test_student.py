@@ -16,8 +16,8 @@ from flows.profiles import ProfileError, load_profile
 from tasks.data import preprocess_pairs
 from tests.conftest import PRE
 from tests.helpers import head_volume, write_nifti
-from viola_models.ensemble import load_ensemble
-from viola_models.pseudo_labels import label_scans
+from viola_models.inference.ensemble import load_ensemble
+from viola_models.inference.pseudo_labels import label_scans
 
 
 def test_uncertain_voxels_become_the_ignore_label_of_the_students_cases(ensemble_dir, tmp_path):

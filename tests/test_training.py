@@ -12,9 +12,9 @@ import torch
 from data_catalog.preprocessing import PreprocessSettings, cached_preprocess, load_preprocessed
 from data_catalog.scans import file_sha256
 from tests.helpers import head_volume, write_nifti
-from viola_models.ensemble import load_member
-from viola_models.quality import pairwise_dice
-from viola_models.sliding_window import sliding_window_probability
+from viola_models.inference.ensemble import load_member
+from viola_models.inference.quality import pairwise_dice
+from viola_models.inference.sliding_window import sliding_window_probability
 from viola_models.training import TrainCallbacks, TrainSettings, deep_supervision_loss, fit, lr_at
 
 

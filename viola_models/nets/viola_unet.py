@@ -27,7 +27,7 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, ge
 from monai.networks.nets import DynUNet
 from torch import nn
 
-from viola_models.attention import ViolaAttention
+from viola_models.nets.attention import ViolaAttention
 
 __all__ = ["NNUNetR", "ViolaUNet", "ViolaUpBlock", "check_input_size", "stride_divisor"]
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from data_catalog.scans import ScanError, read_label
-from viola_models.ensemble import Ensemble
-from viola_models.metrics import evaluate_case, summarize
-from viola_models.segment import segment_scan
+from viola_models.evaluation.metrics import evaluate_case, summarize
+from viola_models.inference.ensemble import Ensemble
+from viola_models.inference.segment import segment_scan
 
 __all__ = ["CASE_METRICS", "BootstrapResult", "evaluate_scans", "means_of", "paired_difference", "two_level_bootstrap"]
 

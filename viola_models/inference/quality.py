@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 
 from data_catalog.preprocessing import load_preprocessed
-from viola_models.backends import InferenceSettings
-from viola_models.ensemble import load_member
-from viola_models.sliding_window import FOREGROUND_THRESHOLD, make_predictors, predict_ensemble
+from viola_models.inference.backends import InferenceSettings
+from viola_models.inference.ensemble import load_member
+from viola_models.inference.sliding_window import FOREGROUND_THRESHOLD, make_predictors, predict_ensemble
 
 __all__ = ["SCORE_NAMES", "confidence_scores", "dice", "out_of_fold_scores", "pairwise_dice"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from viola_models.viola_unet import NNUNetR, ViolaUNet
+from viola_models.nets.viola_unet import NNUNetR, ViolaUNet
 
 __all__ = ["MODEL_CONFIGS", "build_from_config", "build_model", "count_parameters", "model_config"]
 

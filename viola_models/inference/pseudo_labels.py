@@ -19,9 +19,9 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from data_catalog.scans import ScanError, atomic_write, file_sha256, save_nifti_like
-from viola_models.ensemble import Ensemble
-from viola_models.quality import SCORE_NAMES, dice
-from viola_models.segment import segment_scan
+from viola_models.inference.ensemble import Ensemble
+from viola_models.inference.quality import SCORE_NAMES, dice
+from viola_models.inference.segment import segment_scan
 
 __all__ = ["label_scans", "truth_report", "with_true_dice"]
 
@@ -79,7 +79,7 @@ def label_scans(
     teacher (``teacher_id``) from the same content is read back, not predicted again.
     ``ensemble`` may be a function that loads it, called only if some scan needs predicting.
     Row: scan_id, image, image_hash, mask_path, mask_hash, teacher_id, members, the confidence
-    scores (``viola_models.quality.confidence_scores``), volume_ml (native grid), seconds, error.
+    scores (``viola_models.inference.quality.confidence_scores``), volume_ml (native grid), seconds, error.
     ``ignore_band`` (low, high): also ``<scan_id>.uncertain.nii.gz``, the voxels whose ensemble
     probability is in [low, high), for a student to leave out of its loss (row: ignore_band,
     uncertain_path, uncertain_hash, uncertain_ml).

@@ -2,7 +2,7 @@
 and the OpenVINO backend with its on-disk cache of converted networks (the one module that writes
 and reads that cache).
 
-* ``torch``: the evaluation-mode network (batch norm folded, :mod:`viola_models.predictors`), under
+* ``torch``: the evaluation-mode network (batch norm folded, :mod:`viola_models.inference.predictors`), under
   bf16 autocast when the precision is bf16.
 * ``openvino``: the same network converted once per member and window shape to OpenVINO's model
   format, kept in a cache folder keyed by the weights' content, and compiled for the CPU with

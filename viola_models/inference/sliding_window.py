@@ -19,11 +19,11 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from viola_models.backends import InferenceSettings, OpenVINOForward, resolve_backend
-from viola_models.predictors import as_predictor, fold_batch_norm
+from viola_models.inference.backends import InferenceSettings, OpenVINOForward, resolve_backend
+from viola_models.inference.predictors import as_predictor, fold_batch_norm
 
-if TYPE_CHECKING:  # annotations only: member checkpoints are read in viola_models.ensemble, which uses this module
-    from viola_models.members import MemberCheckpoint
+if TYPE_CHECKING:  # annotations only: member checkpoints are read in inference.ensemble, which uses this module
+    from viola_models.inference.members import MemberCheckpoint
 
 __all__ = ["FOREGROUND_THRESHOLD", "EnsembleOutput", "make_predictors", "predict_ensemble",
            "sliding_window_probability"]
@@ -107,7 +107,7 @@ def make_predictors(
 ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """Evaluation callables for the members on ``device``: batch norm folded; on GPUs CUDA graphs
     and bf16 autocast where supported (``amp``); on the CPU the backend and precision of
-    ``inference`` (:func:`viola_models.backends.resolve_backend`; default: detected)."""
+    ``inference`` (:func:`viola_models.inference.backends.resolve_backend`; default: detected)."""
     inference = inference or InferenceSettings()
     if device.type == "cuda":
         dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else None

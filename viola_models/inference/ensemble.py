@@ -30,9 +30,9 @@ from pydantic import ValidationError
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import atomic_write
 from data_catalog.selection import Calibration, fit_calibration
-from viola_models.backends import InferenceSettings
-from viola_models.members import MemberCheckpoint, load_member
-from viola_models.sliding_window import make_predictors
+from viola_models.inference.backends import InferenceSettings
+from viola_models.inference.members import MemberCheckpoint, load_member
+from viola_models.inference.sliding_window import make_predictors
 
 __all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "initial_member", "load_ensemble",
            "load_member", "read_manifest", "write_ensemble"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from viola_models.configs import build_from_config
+from viola_models.nets.configs import build_from_config
 
 __all__ = ["MemberCheckpoint", "load_member"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from viola_models.viola_unet import ViolaUNet
+from viola_models.nets.viola_unet import ViolaUNet
 
 __all__ = ["REFERENCE_PATCH_SIZE", "convert_reference_state_dict", "from_reference_config",
            "identify_reference_checkpoint", "import_reference_checkpoints", "to_reference_state_dict"]
@@ -171,7 +171,7 @@ def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]
 
 def _config_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every state_dict key of a configuration with its shape, without allocating the weights."""
-    from viola_models.configs import build_from_config
+    from viola_models.nets.configs import build_from_config
 
     with torch.device("meta"):
         return _shapes(build_from_config(config).state_dict())
@@ -183,7 +183,7 @@ def _config_from_reference(raw: Mapping[str, Any] | str) -> dict:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError:
-            from viola_models.configs import MODEL_CONFIGS
+            from viola_models.nets.configs import MODEL_CONFIGS
 
             raise ValueError(f"unknown configuration {raw!r}: give one of {', '.join(MODEL_CONFIGS)}, or the "
                              "authors' constructor arguments as JSON") from None
@@ -210,12 +210,12 @@ def identify_reference_checkpoint(obj: Any, config: str | Mapping[str, Any] | No
     """Which network a loaded checkpoint of the authors holds: ``name`` (a configuration name, or
     ``viola_custom``), ``model_config`` (this package's form) and ``state_dict`` (our key names).
 
-    ``config``: a configuration name of :data:`viola_models.configs.MODEL_CONFIGS`, or the
+    ``config``: a configuration name of :data:`viola_models.nets.configs.MODEL_CONFIGS`, or the
     authors' constructor arguments (dict or JSON); default: the ``config`` the file carries, else
     the configuration whose state_dict keys and shapes the weights match (``viola_l``, ``viola_s``,
     ``nnunet_r``, then the smaller layouts). ValueError with the reason when none matches.
     """
-    from viola_models.configs import MODEL_CONFIGS, model_config
+    from viola_models.nets.configs import MODEL_CONFIGS, model_config
 
     state = convert_reference_state_dict(_unwrap_state_dict(obj))
     shapes = _shapes(state)
@@ -274,7 +274,7 @@ def _load_untrusted(path: Path) -> Any:
 def _checked_member(path: Path, config, cache: dict, patch: list[int]) -> tuple[dict, torch.nn.Module]:
     """One authors' checkpoint, loaded without running code, identified, and loaded (strict) into our
     network, which must take ``patch``; ValueError naming the file otherwise."""
-    from viola_models.configs import build_from_config
+    from viola_models.nets.configs import build_from_config
 
     obj = _load_untrusted(path)
     try:
@@ -297,7 +297,7 @@ def import_reference_checkpoints(
     patch_size: Sequence[int] = REFERENCE_PATCH_SIZE,
     preprocess: Any = None,
 ) -> Path:
-    """Turn checkpoints of the authors' code into an ensemble folder (``viola_models.ensemble``).
+    """Turn checkpoints of the authors' code into an ensemble folder (``viola_models.inference.ensemble``).
 
     Each file is loaded without running code, identified (:func:`identify_reference_checkpoint`),
     converted, checked by loading it into our network (strict), and written as a member checkpoint
@@ -309,7 +309,7 @@ def import_reference_checkpoints(
     """
     from data_catalog.preprocessing import PreprocessSettings
     from data_catalog.scans import atomic_write
-    from viola_models.ensemble import write_ensemble
+    from viola_models.inference.ensemble import write_ensemble
 
     if not paths:
         raise ValueError("no checkpoint given")

@@ -27,10 +27,10 @@ from data_catalog.preprocessing import (
     preprocess_arrays,
 )
 from data_catalog.scans import ScanInfo, read_image, scan_info
-from viola_models.ensemble import Ensemble
-from viola_models.metrics import abc2_volume_ml
-from viola_models.quality import confidence_scores
-from viola_models.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
+from viola_models.evaluation.metrics import abc2_volume_ml
+from viola_models.inference.ensemble import Ensemble
+from viola_models.inference.quality import confidence_scores
+from viola_models.inference.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
 
 __all__ = ["ScanSegmentation", "predict_folder", "segment_scan"]
 
@@ -43,7 +43,7 @@ class ScanSegmentation:
 
     mask: np.ndarray  # uint8 (X, Y, Z), the scan's shape
     info: ScanInfo
-    scores: dict  # viola_models.quality.confidence_scores (preprocessed grid) and predicted_dice
+    scores: dict  # viola_models.inference.quality.confidence_scores (preprocessed grid) and predicted_dice
     volume_ml: float
     abc2_volume_ml: float
     n_lesions: int
