@@ -64,6 +64,7 @@ OPTIONS = {  # overrides of the profile, and whether the option changes what its
     "one-pool": ({"student": {"batch_pseudo_fraction": 0.0}}, False),
     "lenient": ({"pseudo": {"rule": {"min_predicted_dice": 0.3}}}, False),
     "scratch": ({"student": {"init": "scratch"}}, True),
+    "finetune-600": ({"finetune": {"max_steps": 600}}, True),  # both arms three times longer
 }
 
 CORE = ("round0", "round1", "round1-control", "round1-oracle", "round2", "round2-control")
@@ -110,12 +111,17 @@ ARM_DIRS = {"round0": "round_000", "round1": "round_001", "round1-control": "rou
 
 
 def _per_case(root: Path, out_csv: Path) -> None:
-    """The test scans' DSC and NSD of every core arm of one seed, one row per (arm, scan)."""
+    """The test scans' DSC and NSD of every arm of one seed that has run (the core's, and each
+    option's round 1 and its control), one row per (arm, scan)."""
     import pandas as pd
 
     frames = []
-    for key, folder in ARM_DIRS.items():
-        csv = root / "viola_work" / "rounds" / folder / "test_metrics.csv"
+    arms = {key: root / "viola_work" / "rounds" / folder for key, folder in ARM_DIRS.items()}
+    for name in OPTIONS:
+        rounds = root.parent / f"option-{name}" / "viola_work" / "rounds"
+        arms |= {name: rounds / "round_001", f"{name}-control": rounds / "round_001-control"}
+    for key, folder in arms.items():
+        csv = folder / "test_metrics.csv"
         if csv.exists():
             t = pd.read_csv(csv)
             frames.append(t.loc[t["status"] == "ok", ["scan_id", "dsc", "nsd"]].assign(arm=key))
@@ -158,8 +164,10 @@ def _transductive(root: Path, out: Path, profile: str) -> dict[str, float]:
     return result
 
 
-def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: tuple[int, int, int]) -> dict:
-    """``stage``: "core" (rounds 0-2 with controls and the oracle) or "options" (needs the core's round 0)."""
+def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: tuple[int, int, int],
+             short: bool = False, options: list[str] | None = None) -> dict:
+    """``stage``: "core" (rounds 0-2 with controls and the oracle; ``short``: round 0, round 1 and
+    control 1 only) or "options" (``options``, default all: each needs the core's round 0)."""
     from mlflow.tracking import MlflowClient
 
     from flows.self_training import self_training
@@ -181,12 +189,17 @@ def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: t
     if stage == "core":
         # each call once: a restarted benchmark must not run a finished call again (the flow would
         # take it for a new call and run the next rounds)
-        if not {"round1", "round1-control", "round1-oracle"} <= set(results):
+        if short and not {"round1", "round1-control"} <= set(results):
+            for s in run(root, "core", rounds=2, control=True):
+                key = f"round{s['round']}" + ("" if s["arm"] == "self-training" else f"-{s['arm']}")
+                _record(results, key, s, client)
+            results_file.write_text(json.dumps(results, indent=1))
+        if not short and not {"round1", "round1-control", "round1-oracle"} <= set(results):
             for s in run(root, "core", rounds=2, control=True, oracle=True):
                 key = f"round{s['round']}" + ("" if s["arm"] == "self-training" else f"-{s['arm']}")
                 _record(results, key, s, client)
             results_file.write_text(json.dumps(results, indent=1))
-        if not {"round2", "round2-control"} <= set(results):
+        if not short and not {"round2", "round2-control"} <= set(results):
             for s in run(root, "core", rounds=1, control=True, force=True):
                 if s["round"] == 2:
                     _record(results, "round2" + ("" if s["arm"] == "self-training" else f"-{s['arm']}"), s, client)
@@ -197,12 +210,15 @@ def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: t
             results_file.write_text(json.dumps(results, indent=1))
     else:
         for name, (over, with_control) in OPTIONS.items():
+            if (options and name not in options) or name in results:
+                continue
             vroot = out / f"seed_{seed}" / f"option-{name}"
             _branch(root, vroot)
             for s in run(vroot, name, rounds=1, control=with_control, overrides=over):
                 if s["round"] == 1:
                     _record(results, f"{name}" + ("" if s["arm"] == "self-training" else f"-{s['arm']}"), s, client)
             results_file.write_text(json.dumps(results, indent=1))
+        _per_case(root, out / f"seed_{seed}_cases.csv")
     return results
 
 
@@ -275,7 +291,7 @@ def _difference_lines(out: Path, seeds: list[int]) -> list[str]:
     lines = []
     lines += ["paired differences of test DSC per case at the final ensembles, mean over seeds [95% CI, "
               "two-level bootstrap: seeds, then cases], share of seeds won:"]
-    for a, b, label in DIFFERENCES:
+    for a, b, label in DIFFERENCES + [(k, f"{k}-control", f"{k} - its control") for k in OPTIONS]:
         tables = _case_tables(out, seeds, (a, b))
         if tables:
             res = paired_difference([(t[:, 0], t[:, 1]) for t in tables])
@@ -356,6 +372,9 @@ def main() -> None:
     ap.add_argument("--unlabelled", type=int, help="unlabelled phantoms (default: the profile's)")
     ap.add_argument("--test", type=int, help="test phantoms (default: the profile's)")
     ap.add_argument("--options", action="store_true", help="also the options from the literature")
+    ap.add_argument("--option", action="append", choices=sorted(OPTIONS), help="only this option (repeatable)")
+    ap.add_argument("--short", action="store_true", help="core arms: round 0, round 1 and control 1 only "
+                    "(for choosing settings on development seeds, whose test scans are their held-out split)")
     ap.add_argument("--report", action="store_true", help="only print the table of what has run")
     args = ap.parse_args()
     out = args.out.resolve()
@@ -372,9 +391,9 @@ def main() -> None:
         (out / "mlruns").mkdir(exist_ok=True)
         uri = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
         t0 = time.perf_counter()
-        for stage in ("core", "options") if args.options else ("core",):
+        for stage in ("core", "options") if args.options or args.option else ("core",):
             for seed in args.seeds:  # every seed's core arms first: the headline numbers come early
-                run_seed(out, seed, args.profile, uri, stage, counts)
+                run_seed(out, seed, args.profile, uri, stage, counts, args.short, args.option)
                 (out / "report.txt").write_text(report(out) + "\n")
         logging.getLogger("bench").warning("benchmark: %.1f min in all", (time.perf_counter() - t0) / 60)
     text = report(out)
