@@ -40,7 +40,7 @@ from data_catalog.phantoms import generate_phantom
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import save_nifti_like
 from viola_models.inference.backends import InferenceSettings, cpu_bf16_supported, openvino_available
-from viola_models.inference.ensemble import load_ensemble, write_ensemble
+from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks, write_ensemble
 from viola_models.inference.segment import segment_scan
 from viola_models.nets.configs import build_model, model_config
 
@@ -134,9 +134,11 @@ def speed(args, scans: list[Path], post_real: float, tmp: Path, devices: list[st
             base = None
             for backend, precision in _backends(args.backends, device):
                 cache = Path(tempfile.mkdtemp(dir=tmp))  # cold conversion cache: "first" shows its cost
+                inference = InferenceSettings(backend=backend, precision=precision, cache_dir=cache)
+                if args.registered and device == "cpu":  # what registration leaves: the networks converted
+                    prepare_cpu_networks(ens_dir, inference)
                 t0 = time.perf_counter()
-                ens = load_ensemble(ens_dir, device=device, inference=InferenceSettings(
-                    backend=backend, precision=precision, cache_dir=cache))
+                ens = load_ensemble(ens_dir, device=device, inference=inference)
                 segment_scan(scans[0], ens, overlap=args.overlap, tta=args.tta)  # conversion, graph capture
                 first = time.perf_counter() - t0
                 totals, parts = [], []
@@ -210,6 +212,9 @@ def main() -> None:
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--ensemble", type=Path, default=None, help="a trained ensemble: accuracy guard only")
+    ap.add_argument("--registered", action="store_true", help="'first' as for a registered model: its CPU "
+                    "networks converted beforehand, as registration does (viola_models.inference.ensemble."
+                    "prepare_cpu_networks)")
     args = ap.parse_args()
     print(f"# {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; overlap {args.overlap}"
           f"{'; TTA' if args.tta else ''}")

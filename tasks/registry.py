@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from prefect import task
 from tasks import tracking
 from tasks.context import RoundContext
 from viola_models.evaluation.scoring import evaluate_scans
-from viola_models.inference.ensemble import load_ensemble
+from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ def register_ensemble(ctx: RoundContext, ensemble_dir: Path, test_dsc: float | N
     """Log the ensemble folder as the round run's ``ensemble`` artifact (its manifest and
     calibration: each member's checkpoint is stored once, on the member's run), register it as a
     version of ``[tracking] registered_model``, and decide the champion; the champion is scored
-    again on ``test_scans`` when its score is of another test set."""
+    again on ``test_scans`` when its score is of another test set. With the OpenVINO CPU backend the
+    members' CPU networks are then converted into their cache, so that ``viola predict --model``
+    and the pyfunc model on this machine start without converting."""
     model_name, run_id, round_ = ctx.settings.tracking.registered_model, ctx.run_id, ctx.round
     client = tracking.client_for(ctx.tracking_uri)
     if not client.list_artifacts(run_id, "ensemble"):
@@ -93,5 +96,11 @@ def register_ensemble(ctx: RoundContext, ensemble_dir: Path, test_dsc: float | N
     log.info("%s version %s (round %d, test DSC %.4f): %s (%s)", model_name, version.version, round_, dsc,
              "champion" if promote else "not the champion", reason)
     tracking.set_tags(client, run_id, {"viola.model_version": version.version, "viola.champion": promote})
+    # the CPU networks converted now, once, into the cache `viola predict` and the pyfunc model read
+    # (the profile's [inference] as given: by default the user's cache, not the round's work folder)
+    t0 = time.perf_counter()
+    ready = prepare_cpu_networks(Path(ensemble_dir), ctx.settings.inference)
+    tracking.log_metrics(client, run_id, {"model/cpu_networks_ready": ready,
+                                          "model/cpu_prepare_seconds": time.perf_counter() - t0}, round_)
     return {"version": str(version.version), "champion": promote, "reason": reason,
             "model_uri": f"models:/{model_name}/{version.version}"}

@@ -99,3 +99,38 @@ def test_the_cli_loads_the_pyfunc_version(registered, tmp_path):
                                    "--backend", "torch", "--overlap", "0.25"])
     assert res.exit_code == 0, res.output
     assert "2 member(s)" in res.output and (tmp_path / "out" / "a.nii.gz").is_file()
+
+
+def test_registration_converts_the_cpu_networks_so_the_first_scan_does_not(ensemble_dir, tmp_path, monkeypatch):
+    """The OpenVINO conversion is paid at registration, into the cache a user's prediction reads."""
+    pytest.importorskip("openvino")
+    from tasks import tracking
+    from tasks.registry import register_ensemble
+    from viola_models.inference.backends import InferenceSettings, OpenVINOForward
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client_for(uri)
+    run = tracking.create_run(client, tracking.experiment_id(client, "e"), "round 0", tags={})
+    cache = tmp_path / "openvino"
+    ctx = round_context(tmp_path, uri, run, overrides={"tracking": {"registered_model": "m"},
+                                                       "inference": {"backend": "openvino", "cache_dir": str(cache)}})
+    converted, convert = [], OpenVINOForward._convert
+
+    def counted(self, shape):
+        converted.append(shape)
+        return convert(self, shape)
+
+    monkeypatch.setattr(OpenVINOForward, "_convert", counted)
+    register_ensemble.fn(ctx, ensemble_dir, 0.5, "set", {})
+    assert converted == [(1, 3, 32, 32, 8)] * 2  # one window shape per member, as a CPU predicts
+    assert client.get_run(run).data.metrics["model/cpu_networks_ready"] == 2
+
+    def again(self, shape):
+        raise AssertionError(f"converted again for {shape}")
+
+    monkeypatch.setattr(OpenVINOForward, "_convert", again)
+    img, _, aff = head_volume(seed=11)
+    scan = write_nifti(tmp_path / "scan.nii.gz", img, aff, np.int16)
+    ensemble = load_ensemble(ensemble_dir, device="cpu", inference=InferenceSettings(backend="openvino",
+                                                                                      cache_dir=cache))
+    assert segment_scan(scan, ensemble, overlap=0.25).mask.shape == img.shape

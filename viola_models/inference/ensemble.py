@@ -30,12 +30,12 @@ from pydantic import ValidationError
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import atomic_write
 from data_catalog.selection import Calibration, fit_calibration
-from viola_models.inference.backends import InferenceSettings
+from viola_models.inference.backends import InferenceSettings, OpenVINOForward
 from viola_models.inference.members import MemberCheckpoint, load_member
 from viola_models.inference.sliding_window import make_predictors
 
 __all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "initial_member", "load_ensemble",
-           "load_member", "read_manifest", "write_ensemble"]
+           "load_member", "prepare_cpu_networks", "read_manifest", "write_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +189,19 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = 
     return Ensemble(members=members, preprocess=data["preprocess"], device=device,
                     predictors=make_predictors(members, device, amp, inference), source=str(folder),
                     calibration=data.get("calibration"), calibration_points=points, meta=meta)
+
+
+def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = None) -> int:
+    """Make every member's CPU network ready for its prediction window, as the first scan of
+    ``viola predict`` or of the pyfunc model would: with the OpenVINO backend each network is
+    converted once into its content-keyed cache (``inference.cache_dir``), so no user's first scan
+    pays for it. Returns how many networks are ready there; 0 when the CPU runs PyTorch itself
+    (nothing to convert)."""
+    ensemble = load_ensemble(folder, device="cpu", inference=inference)
+    channels = len(ensemble.preprocess.windows)
+    ready = 0
+    for (_, meta), predictor in zip(ensemble.members, ensemble.predictors):
+        if isinstance(predictor, OpenVINOForward):  # a CPU takes one window per call (predict_ensemble)
+            predictor.compiled((1, channels, *meta.patch_size))
+            ready += 1
+    return ready
