@@ -291,7 +291,10 @@ def _difference_lines(out: Path, seeds: list[int]) -> list[str]:
     lines = []
     lines += ["paired differences of test DSC per case at the final ensembles, mean over seeds [95% CI, "
               "two-level bootstrap: seeds, then cases], share of seeds won:"]
-    for a, b, label in DIFFERENCES + [(k, f"{k}-control", f"{k} - its control") for k in OPTIONS]:
+    # an option that leaves the control as it is (OPTIONS' flag) is compared with control 1
+    options = [(k, f"{k}-control", f"{k} - its control") if own else (k, "round1-control", f"{k} - control 1")
+               for k, (_, own) in OPTIONS.items()]
+    for a, b, label in DIFFERENCES + options:
         tables = _case_tables(out, seeds, (a, b))
         if tables:
             res = paired_difference([(t[:, 0], t[:, 1]) for t in tables])
