@@ -47,10 +47,9 @@ from tasks.training import fold_groups, plan_members, train_member, worth_retryi
 __all__ = ["compare_arms", "label_unlabelled", "run_arm", "score_test_scans", "self_training", "train_members"]
 
 
-def _summary_table(name: str, members: list[dict], pseudo: tuple[int, int], test: dict, seconds: float,
+def _summary_table(name: str, members: list[dict], n_sel: int, n_cand: int, test: dict, seconds: float,
                    guard: dict | None = None, calibration: dict | None = None) -> str:
     """The round's summary: members, pseudo-labels (selected, candidates), round guard, test metrics."""
-    n_sel, n_cand = pseudo
     lines = [f"{name} summary ({seconds / 60:.1f} min)", f"  {'member':<22}{'val Dice':>10}{'best step':>11}"]
     lines += [f"  {m['name']:<22}{m['val_dice']:>10.4f}{m['best_step']:>11d}" for m in members]
     for m in members:  # a fold too small to choose a step by says so
@@ -131,7 +130,7 @@ def _open_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: st
         "viola.profile": settings.name, "viola.profile_hash": settings.digest(),
         "viola.data_root": str(settings.data.root), "viola.catalog_hash": data["catalog_hash"],
         "viola.test_set_hash": data["test_set_hash"], "viola.device": device}, settings.model_dump(mode="json"))
-    return RoundContext(settings, plan, tracking_uri, device, settings.work_dir / "cache")
+    return RoundContext(settings, plan, tracking_uri, device)
 
 
 def _ensemble(ctx: RoundContext, jobs: list[dict], members: list[dict]) -> tuple[Path, dict, dict]:
@@ -184,7 +183,7 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
                "round/n_members": len(members), "round/n_train_labelled": len(labelled),
                "round/n_pseudo_labels": len(pseudo)}
     n_candidates = len(by_role["unlabelled"]) if arm == "self-training" and ctx.round > 0 else 0
-    table = _summary_table(ctx.name, members, (len(pseudo), n_candidates), test, seconds, guard, calib["calibration"])
+    table = _summary_table(ctx.name, members, len(pseudo), n_candidates, test, seconds, guard, calib["calibration"])
     get_run_logger().info("%s", table)
     close_round_run(ctx.plan, tracking_uri, metrics, {"test": test, "model_version": reg["version"] if reg else None,
                                                       "n_pseudo_labels": len(pseudo), **guard}, pseudo)

@@ -25,7 +25,7 @@ __all__ = ["RoundContext"]
 @dataclass(frozen=True)
 class RoundContext:
     """One arm of one round: its settings, its plan (round, arm, folder, MLflow run, teacher), the
-    tracking store, this process's device and the preprocessing cache.
+    tracking store and this process's device.
 
     ``device`` is the device resolved in the flow's own process (calibration, and every task run
     in it); a worker resolves ``settings.device`` on its own machine (``tasks.compute.worker_device``).
@@ -35,7 +35,6 @@ class RoundContext:
     plan: RoundPlan
     tracking_uri: str
     device: str
-    cache: Path
 
     @property
     def round(self) -> int:
@@ -62,6 +61,11 @@ class RoundContext:
     @property
     def experiment_id(self) -> str:
         return self.plan.state["experiment_id"]
+
+    @property
+    def cache(self) -> Path:
+        """The preprocessing cache of the data root's work folder."""
+        return self.settings.work_dir / "cache"
 
     @property
     def data_root(self) -> Path:

@@ -97,7 +97,7 @@ def pseudo_label(ctx: RoundContext, scans: dict[str, dict]) -> list[dict]:
         metrics["pseudo/uncertain_ml_selected"] = float(selected["uncertain_ml"].mean())
     tracking.log_metrics(client, run_id, metrics, round_)
     tracking.set_tags(client, run_id, {"viola.pseudo_rule": decided["rule"].iloc[0][:5000]})
-    _log_figures(client, run_id, decided, out_dir, p.overlays, (manifest_teacher, calibration, rule), truth)
+    _log_figures(client, run_id, decided, out_dir, p.overlays, manifest_teacher, calibration, rule, truth)
     log.info("pseudo-labels of round %d: %d of %d selected (%s)%s", round_, len(selected), len(decided),
              decided["rule"].iloc[0], f"; true Dice of the selected {metrics['pseudo/true_dice_selected']:.3f}, "
              f"of the rejected {metrics['pseudo/true_dice_rejected']:.3f}" if truth else "")
@@ -121,11 +121,10 @@ def _lineage_row(r: dict, round_: int, root: Path) -> dict:
             "mask_path": rel}
 
 
-def _log_figures(client, run_id: str, decided: pd.DataFrame, out_dir: Path, n: int, selection: tuple,
-                 truth: bool) -> None:
-    """The calibration the selection used (``selection``: the teacher, its calibration and the
-    rule), and PNG overlays (the paper's Fig. 1 view) of the best selected and the worst rejected scans."""
-    teacher, calibration, rule = selection
+def _log_figures(client, run_id: str, decided: pd.DataFrame, out_dir: Path, n: int, teacher, calibration,
+                 rule: SelectionRule, truth: bool) -> None:
+    """The calibration the selection used, and PNG overlays (the paper's Fig. 1 view) of the best
+    selected and the worst rejected scans."""
     png = calibration_png(teacher.calibration_points if teacher.calibration_points is not None
                           else pd.DataFrame(columns=[rule.score, "true_dice"]), calibration,
                           out_dir / "calibration.png", unlabelled=decided if truth else None,

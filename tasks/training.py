@@ -104,12 +104,11 @@ def fold_groups(jobs: list[dict], members: list[dict]) -> list[tuple[str, list[s
              next(job["spec"]["val"] for job in jobs if job["spec"]["fold"] == fold)) for fold in folds]
 
 
-def _member_run(client, parent: tuple[str, str], out_dir: Path, name: str, tags: dict, digest: str) -> str:
-    """The member's MLflow child run of ``parent`` (experiment id, the round's run id): the one a
-    crashed attempt left when it trained on the same inputs (same digest), else a new one; a run for
-    other inputs is ended as KILLED and marked superseded, so the round's children are exactly its
-    members."""
-    experiment_id, parent_run_id = parent
+def _member_run(client, experiment_id: str, parent_run_id: str, out_dir: Path, name: str, tags: dict,
+                digest: str) -> str:
+    """The member's MLflow child run: the one a crashed attempt left when it trained on the same
+    inputs (same digest), else a new one; a run for other inputs is ended as KILLED and marked
+    superseded, so the round's children are exactly its members."""
     id_file = out_dir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if tracking.run_exists(client, run_id):
@@ -128,7 +127,7 @@ def _open_member_run(ctx: RoundContext, client, job: dict, digest: str, init: Pa
     """The member's child run of the round's run (:func:`_member_run`), its parameters and its
     dataset inputs logged."""
     spec, settings, final_settings = job["spec"], job["settings"], job.get("final_settings")
-    run_id = _member_run(client, (ctx.experiment_id, ctx.run_id), Path(job["out_dir"]), spec["name"],
+    run_id = _member_run(client, ctx.experiment_id, ctx.run_id, Path(job["out_dir"]), spec["name"],
                          {"viola.kind": "member", "viola.round": ctx.round, "viola.fold": spec["fold"],
                           "viola.architecture": settings.model}, digest)
     n_train = len(spec["train"])

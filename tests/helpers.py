@@ -79,8 +79,9 @@ def store_client(uri: str):
 def round_context(tmp_path: Path, tracking_uri: str = "sqlite:///unused", run_id: str = "", round_: int = 0,
                   overrides: dict | None = None, settings=None, **plan):
     """A ``tasks.context.RoundContext`` of ``settings`` (default: the ``tiny`` profile with
-    ``overrides``) for one task called on its own: the arm's folder is ``tmp_path/round``, the cache
-    ``tmp_path/cache``; ``plan``: other fields of its ``RoundPlan`` (``teacher_dir``, ``init_ensemble_dir``, ...)."""
+    ``overrides``) for one task called on its own: the arm's folder is ``tmp_path/round``, the data
+    root ``tmp_path/data``; ``plan``: other fields of its ``RoundPlan`` (``teacher_dir``,
+    ``init_ensemble_dir``, ...)."""
     from flows.profiles import load_profile
     from tasks.context import RoundContext
     from tasks.rounds import RoundPlan
@@ -88,4 +89,4 @@ def round_context(tmp_path: Path, tracking_uri: str = "sqlite:///unused", run_id
     settings = settings or load_profile("tiny", tmp_path / "data", overrides)
     state = {"run_id": run_id, "experiment_id": plan.pop("experiment_id", "0")}
     arm = RoundPlan(round=round_, arm="self-training", dir=str(tmp_path / "round"), state=state, **plan)
-    return RoundContext(settings, arm, tracking_uri, "cpu", tmp_path / "cache")
+    return RoundContext(settings, arm, tracking_uri, "cpu")

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import atomic_write
 from data_catalog.selection import Calibration, fit_calibration
-from viola_models.inference.backends import InferenceSettings, OpenVINOForward
+from viola_models.inference.backends import InferenceSettings, OpenVINOForward, resolve_backend
 from viola_models.inference.members import MemberCheckpoint, load_member
 from viola_models.inference.sliding_window import make_predictors
 
@@ -197,6 +197,8 @@ def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = Non
     converted once into its content-keyed cache (``inference.cache_dir``), so no user's first scan
     pays for it. Returns how many networks are ready there; 0 when the CPU runs PyTorch itself
     (nothing to convert)."""
+    if resolve_backend(inference or InferenceSettings(), torch.device("cpu"))[0] != "openvino":
+        return 0  # nothing to convert: the members are not even loaded
     ensemble = load_ensemble(folder, device="cpu", inference=inference)
     channels = len(ensemble.preprocess.windows)
     ready = 0
