@@ -3,7 +3,7 @@ for one network and for the paper's 10-member ensemble (5 x viola_l + 5 x nnunet
 backend side by side (the fp32 eager path first, then ratios to it), with where the time goes.
 
     python benchmarks/bench_predict.py [--device cpu|cuda|all] [--scans 2] [--members 1,10]
-        [--backends torch:fp32,torch:bf16,openvino:fp32,openvino:bf16] [--overlap 0.5] [--tta]
+        [--backends torch:fp32,torch:bf16,openvino:fp32,openvino:bf16,openvino:int8] [--overlap 0.5] [--tta]
         [--ensemble DIR]
 
 Members carry random weights: the networks' time does not depend on them, but their masks are noise,
@@ -12,6 +12,9 @@ times that step on the phantoms' reference masks and prints the end-to-end time 
 ("realistic"). Preprocessing is the paper's (1 x 1 x 5 mm, three windows, the head's bounding box),
 windows 160 x 160 x 16, Gaussian blending. "first" is the first scan of a freshly loaded ensemble,
 so it includes the OpenVINO conversion when its cache is cold (a fresh cache folder per run).
+``openvino:int8`` networks are quantized beforehand (NNCF, calibrated on windows of another
+phantom, as registration does on the labelled scans), and that time is printed apart: a load
+never quantizes.
 
 Accuracy guard (``--ensemble DIR``, a trained ensemble folder): every backend's mask on the same
 full-size phantoms against the fp32 eager mask: Dice and volume ratio (the target is Dice >= 0.99
@@ -39,8 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_catalog.phantoms import generate_phantom
 from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import save_nifti_like
-from viola_models.inference.backends import InferenceSettings, cpu_bf16_supported, openvino_available
+from viola_models.inference.backends import (
+    InferenceSettings,
+    OpenVINOForward,
+    cpu_bf16_supported,
+    nncf_available,
+    openvino_available,
+)
 from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks, write_ensemble
+from viola_models.inference.predictors import fold_batch_norm
+from viola_models.inference.quantization import calibration_windows
 from viola_models.inference.segment import segment_scan
 from viola_models.nets.configs import build_model, model_config
 
@@ -105,6 +116,9 @@ def _backends(spec: str, device: str) -> list[tuple[str, str]]:
         if backend == "openvino" and not openvino_available():
             print(f"# {item}: skipped, OpenVINO is not installed (pip install 'viola-ich[openvino]')")
             continue
+        if precision == "int8" and not nncf_available():
+            print(f"# {item}: skipped, NNCF is not installed (pip install 'viola-ich[openvino]')")
+            continue
         out.append((backend, precision or "fp32"))
     return out
 
@@ -116,6 +130,22 @@ def _windows(shape: tuple[int, ...], patch=(160, 160, 16), overlap: float = 0.5)
         step = max(1, int(p * (1 - overlap)))
         count *= len({min(start, max(size - p, 0)) for start in range(0, max(size, p), step)})
     return count
+
+
+def make_int8(ens_dir: Path, inference: InferenceSettings, windows_of: int = 900) -> float:
+    """Quantize every member of ``ens_dir`` into ``inference.cache_dir``, calibrated on windows of
+    phantom ``windows_of`` (not one that is scored); returns the seconds it took."""
+    from data_catalog.preprocessing import preprocess_arrays
+
+    t0 = time.perf_counter()
+    ens = load_ensemble(ens_dir, inference=inference.model_copy(update={"precision": "fp32"}))
+    ph = generate_phantom(seed=windows_of, size="full")
+    image = preprocess_arrays(ph.image, ph.affine, None, ens.preprocess).image
+    for model, meta in ens.members:
+        shape = (1, image.shape[0], *meta.patch_size)
+        windows = calibration_windows([image], meta.patch_size, inference.calibration_windows)
+        OpenVINOForward(fold_batch_norm(model), "int8", inference.cache_dir, calibration=windows).compiled(shape)
+    return time.perf_counter() - t0
 
 
 def speed(args, scans: list[Path], post_real: float, tmp: Path, devices: list[str]) -> None:
@@ -137,6 +167,8 @@ def speed(args, scans: list[Path], post_real: float, tmp: Path, devices: list[st
                 inference = InferenceSettings(backend=backend, precision=precision, cache_dir=cache)
                 if args.registered and device == "cpu":  # what registration leaves: the networks converted
                     prepare_cpu_networks(ens_dir, inference)
+                if precision == "int8":
+                    print(f"# {n} member(s) quantized to int8 in {make_int8(ens_dir, inference):.1f} s", flush=True)
                 t0 = time.perf_counter()
                 ens = load_ensemble(ens_dir, device=device, inference=inference)
                 segment_scan(scans[0], ens, overlap=args.overlap, tta=args.tta)  # conversion, graph capture
@@ -169,8 +201,11 @@ def accuracy(args, tmp: Path) -> None:
     from viola_models.inference.sliding_window import FOREGROUND_THRESHOLD, predict_ensemble
 
     pairs = [("torch", "fp32")] + [b for b in _backends(args.backends, "cpu") if b != ("torch", "fp32")]
-    loaded = {b: load_ensemble(args.ensemble, inference=InferenceSettings(
-        backend=b[0], precision=b[1], cache_dir=tmp / "acc_cache")) for b in pairs}
+    settings = {b: InferenceSettings(backend=b[0], precision=b[1], cache_dir=tmp / "acc_cache") for b in pairs}
+    for b in pairs:
+        if b[1] == "int8":  # calibrated on a phantom that is not scored below
+            make_int8(args.ensemble, settings[b], windows_of=800)
+    loaded = {b: load_ensemble(args.ensemble, inference=settings[b]) for b in pairs}
     print(f"# accuracy guard: {args.ensemble} on {args.scans} full-size phantom(s), overlap {args.overlap}")
     print(f"{'phantom':>8}{'backend':>16}{'voxels':>9}{'dice':>8}{'volume':>8}{'voxels off':>11}")
     worst_dice, worst_vol, worst_small = {}, {}, {}

@@ -165,11 +165,13 @@ def _transductive(root: Path, out: Path, profile: str) -> dict[str, float]:
 
 
 def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: tuple[int, int, int],
-             short: bool = False, options: list[str] | None = None) -> dict:
+             short: bool = False, options: list[str] | None = None, base: dict | None = None) -> dict:
     """``stage``: "core" (rounds 0-2 with controls and the oracle; ``short``: round 0, round 1 and
-    control 1 only) or "options" (``options``, default all: each needs the core's round 0)."""
+    control 1 only) or "options" (``options``, default all: each needs the core's round 0).
+    ``base``: settings changed for every arm, round 0 included (``--set``)."""
     from mlflow.tracking import MlflowClient
 
+    from flows.profiles import merge_settings
     from flows.self_training import self_training
 
     client = MlflowClient(uri)
@@ -181,7 +183,8 @@ def run_seed(out: Path, seed: int, profile: str, uri: str, stage: str, counts: t
 
     def run(data_root: Path, name: str, **kw) -> list[dict]:
         t0 = time.perf_counter()
-        over = {"tracking": {**common, "registered_model": f"bench-{name}"}, **kw.pop("overrides", {})}
+        over = merge_settings(merge_settings(base or {}, kw.pop("overrides", {})),
+                              {"tracking": {**common, "registered_model": f"bench-{name}"}})
         out_ = self_training(profile=profile, data_root=str(data_root), tracking_uri=uri, overrides=over, **kw)
         logging.getLogger("bench").warning("seed %d %s: %.1f min", seed, name, (time.perf_counter() - t0) / 60)
         return out_
@@ -335,7 +338,9 @@ def report(out: Path) -> str:
         return f"no results in {out}"
     seeds = sorted(per_seed)
     trans = {s: per_seed[s].get("transductive", {}) for s in seeds}
-    lines = [f"self-training benchmark: seeds {seeds}; {platform.node()} ({os.cpu_count()} CPU)", "",
+    setting = json.loads((out / "setting.json").read_text()) if (out / "setting.json").exists() else {}
+    lines = [f"self-training benchmark: seeds {seeds}; {platform.node()} ({os.cpu_count()} CPU); profile "
+             f"{setting.get('profile', '?')}, --set {' '.join(setting.get('set') or []) or 'none'}", "",
              *_arm_lines(per_seed, seeds, trans), "", *_difference_lines(out, seeds), *_side_lines(per_seed, seeds,
                                                                                                   trans)]
     guards = [f"seed {s}: {per_seed[s]['round1'].get('guard')}" for s in seeds
@@ -366,6 +371,20 @@ def _pseudo_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _same_setting(out: Path, profile: str, set_: list[str]) -> None:
+    """One ``--out`` holds the arms of one setting: refuse to mix another profile or ``--set`` into it."""
+    mine = {"profile": profile, "set": set_}
+    path = out / "setting.json"
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            sys.exit(f"bench_self_training: {out} holds the benchmark of profile {theirs['profile']!r} with --set "
+                     f"{theirs['set'] or 'none'}; this call asks for {profile!r} with {set_ or 'none'}: "
+                     "use another --out")
+    else:
+        path.write_text(json.dumps(mine, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="working folder (data roots, MLflow store, results)")
@@ -378,16 +397,24 @@ def main() -> None:
     ap.add_argument("--option", action="append", choices=sorted(OPTIONS), help="only this option (repeatable)")
     ap.add_argument("--short", action="store_true", help="core arms: round 0, round 1 and control 1 only "
                     "(for choosing settings on development seeds, whose test scans are their held-out split)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
+                    help="a profile setting for every arm, round 0 included (e.g. a teacher trained longer: "
+                    "--set train.max_steps=600); one --out holds one such setting")
     ap.add_argument("--report", action="store_true", help="only print the table of what has run")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         from flows.cli import _setup
-        from flows.profiles import load_profile
+        from flows.profiles import ProfileError, load_profile, parse_overrides
 
         _setup(flows=True)
-        synth = load_profile(args.profile).data.synth
+        try:
+            base = parse_overrides(args.set_)
+            synth = load_profile(args.profile, overrides=base).data.synth
+        except ProfileError as e:
+            sys.exit(f"bench_self_training: {e}")
+        _same_setting(out, args.profile, sorted(args.set_))
         counts = (args.labelled if args.labelled is not None else synth.labelled if synth else 12,
                   args.unlabelled if args.unlabelled is not None else synth.unlabelled if synth else 32,
                   args.test if args.test is not None else synth.test if synth else 64)
@@ -396,7 +423,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for stage in ("core", "options") if args.options or args.option else ("core",):
             for seed in args.seeds:  # every seed's core arms first: the headline numbers come early
-                run_seed(out, seed, args.profile, uri, stage, counts, args.short, args.option)
+                run_seed(out, seed, args.profile, uri, stage, counts, args.short, args.option, base)
                 (out / "report.txt").write_text(report(out) + "\n")
         logging.getLogger("bench").warning("benchmark: %.1f min in all", (time.perf_counter() - t0) / 60)
     text = report(out)

@@ -233,10 +233,12 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-def _merge(base: dict, changes: dict) -> dict:
+def merge_settings(base: dict, changes: dict) -> dict:
+    """``changes`` laid over ``base``, nested tables merged key by key (neither is modified)."""
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_settings(out[key], value) if nested else value
     return out
 
 
@@ -278,7 +280,7 @@ def load_profile(profile: str | Path, data_root: str | Path | None = None,
         raise ProfileError(f"profile {path}: not valid TOML ({e})") from None
     raw.setdefault("name", path.stem)
     if overrides:
-        raw = _merge(raw, overrides)
+        raw = merge_settings(raw, overrides)
     if data_root is not None:
         raw.setdefault("data", {})["root"] = str(data_root)
     try:

@@ -177,7 +177,7 @@ def run_arm(settings: PipelineSettings, tracking_uri: str, data: dict, arm: str 
     test = _test(ctx, ens_dir, by_role["test"])
     reg = None
     if arm == "self-training":  # only this arm is registered
-        reg = register_ensemble(ctx, ens_dir, test.get("test/dsc"), data["test_set_hash"], by_role["test"])
+        reg = register_ensemble(ctx, ens_dir, test.get("test/dsc"), data["test_set_hash"], by_role["test"], labelled)
     seconds = time.perf_counter() - t_start
     metrics = {"members/mean_val_dice": sum(m["val_dice"] for m in members) / len(members), "round/seconds": seconds,
                "round/n_members": len(members), "round/n_train_labelled": len(labelled),

@@ -22,7 +22,7 @@ from prefect import task
 from tasks import tracking
 from tasks.context import RoundContext
 from viola_models.evaluation.scoring import evaluate_scans
-from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks
+from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks, read_cpu_record
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,51 @@ def _rescore(ctx: RoundContext, client, champion, scans: dict, test_set_hash: st
     return dsc
 
 
+def _prepare_cpu(ctx: RoundContext, client, ensemble_dir: Path, labelled: dict[str, str]) -> dict:
+    """The members' CPU networks made once, now, into the cache ``viola predict`` and the pyfunc
+    model read (the profile's [inference] as given: by default the user's cache, not the round's
+    work folder); int8 ones too where NNCF is installed, calibrated on and checked against fp32 on
+    the round's labelled scans. Tracked as ``model/*`` metrics."""
+    t0 = time.perf_counter()
+    record = prepare_cpu_networks(Path(ensemble_dir), ctx.settings.inference,
+                                  [Path(p) for _, p in sorted(labelled.items())])
+    int8 = record["int8"]
+    metrics = {"model/cpu_networks_ready": record["ready"], "model/cpu_prepare_seconds": time.perf_counter() - t0,
+               "model/int8_passed": float(bool(int8.get("passed")))}
+    metrics |= {f"model/int8_{k}": int8[k] for k in ("min_dice", "max_volume_error", "checked", "quantize_seconds")
+                if isinstance(int8.get(k), (int, float))}
+    tracking.log_metrics(client, ctx.run_id, metrics, ctx.round)
+    return record
+
+
 @task(name="register-ensemble")
 def register_ensemble(ctx: RoundContext, ensemble_dir: Path, test_dsc: float | None, test_set_hash: str,
-                      test_scans: dict) -> dict:
+                      test_scans: dict, labelled: dict[str, str] | None = None) -> dict:
     """Log the ensemble folder as the round run's ``ensemble`` artifact (its manifest and
     calibration: each member's checkpoint is stored once, on the member's run), register it as a
     version of ``[tracking] registered_model``, and decide the champion; the champion is scored
     again on ``test_scans`` when its score is of another test set. With the OpenVINO CPU backend the
-    members' CPU networks are then converted into their cache, so that ``viola predict --model``
-    and the pyfunc model on this machine start without converting."""
+    members' CPU networks are converted into their cache first (int8 ones too, calibrated on the
+    ``labelled`` scans' preprocessed cases, and checked: ``viola_models.inference.ensemble.
+    prepare_cpu_networks``), so that ``viola predict --model`` and the pyfunc model on this machine
+    start without converting; the check's outcome travels in the folder and the version's tags."""
     model_name, run_id, round_ = ctx.settings.tracking.registered_model, ctx.run_id, ctx.round
     client = tracking.client_for(ctx.tracking_uri)
     if not client.list_artifacts(run_id, "ensemble"):
+        cpu = _prepare_cpu(ctx, client, Path(ensemble_dir), labelled or {})
         tracking.log_ensemble(client, run_id, Path(ensemble_dir))
+    else:  # a rerun: the folder was logged with its record
+        cpu = read_cpu_record(Path(ensemble_dir))
     source = f"{client.get_run(run_id).info.artifact_uri}/ensemble"
     tracking.ensure_registered_model(client, model_name, "viola-ICH self-training ensembles, one per round")
     existing = [v for v in client.search_model_versions(f"name='{model_name}'") if v.run_id == run_id]
     dsc = math.nan if test_dsc is None else float(test_dsc)
+    int8 = cpu.get("int8", {})
     version = existing[0] if existing else client.create_model_version(
         model_name, source=source, run_id=run_id,
-        tags={"round": str(round_), "test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash})
+        tags={"round": str(round_), "test_dsc": f"{dsc:.6f}", "test_set_hash": test_set_hash,
+              "cpu_int8": "passed" if int8.get("passed") else "not used",
+              "cpu_int8_reason": str(int8.get("reason", "not prepared"))[:500]})
     try:
         champion = client.get_model_version_by_alias(model_name, "champion")
     except mlflow.exceptions.MlflowException:
@@ -96,11 +121,5 @@ def register_ensemble(ctx: RoundContext, ensemble_dir: Path, test_dsc: float | N
     log.info("%s version %s (round %d, test DSC %.4f): %s (%s)", model_name, version.version, round_, dsc,
              "champion" if promote else "not the champion", reason)
     tracking.set_tags(client, run_id, {"viola.model_version": version.version, "viola.champion": promote})
-    # the CPU networks converted now, once, into the cache `viola predict` and the pyfunc model read
-    # (the profile's [inference] as given: by default the user's cache, not the round's work folder)
-    t0 = time.perf_counter()
-    ready = prepare_cpu_networks(Path(ensemble_dir), ctx.settings.inference)
-    tracking.log_metrics(client, run_id, {"model/cpu_networks_ready": ready,
-                                          "model/cpu_prepare_seconds": time.perf_counter() - t0}, round_)
     return {"version": str(version.version), "champion": promote, "reason": reason,
             "model_uri": f"models:/{model_name}/{version.version}"}

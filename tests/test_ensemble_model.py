@@ -3,6 +3,7 @@ array like `viola predict`, and each member checkpoint is stored once (on its me
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import head_volume, round_context, write_nifti
+from tests.helpers import head_volume, round_context, store_client, write_nifti
 from viola_models.inference.ensemble import load_ensemble, read_manifest, write_ensemble
 from viola_models.inference.segment import segment_scan
 
@@ -102,18 +103,27 @@ def test_the_cli_loads_the_pyfunc_version(registered, tmp_path):
 
 
 def test_registration_converts_the_cpu_networks_so_the_first_scan_does_not(ensemble_dir, tmp_path, monkeypatch):
-    """The OpenVINO conversion is paid at registration, into the cache a user's prediction reads."""
+    """The OpenVINO conversion (and the int8 quantization, with its check) is paid at registration,
+    into the cache a user's prediction reads; the check's outcome travels with the model version."""
     pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import shutil
+
     from tasks import tracking
     from tasks.registry import register_ensemble
     from viola_models.inference.backends import InferenceSettings, OpenVINOForward
+
+    shutil.copytree(ensemble_dir, tmp_path / "ens")  # registration writes the CPU record into the folder
+    labelled = {p.stem: str(p) for p in sorted((ensemble_dir.parent / "cache").rglob("*.npz"))}
+    ensemble_dir = tmp_path / "ens"
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client_for(uri)
     run = tracking.create_run(client, tracking.experiment_id(client, "e"), "round 0", tags={})
     cache = tmp_path / "openvino"
     ctx = round_context(tmp_path, uri, run, overrides={"tracking": {"registered_model": "m"},
-                                                       "inference": {"backend": "openvino", "cache_dir": str(cache)}})
+                                                       "inference": {"backend": "openvino", "cache_dir": str(cache),
+                                                                     "quantize": "auto", "calibration_windows": 4}})
     converted, convert = [], OpenVINOForward._convert
 
     def counted(self, shape):
@@ -121,9 +131,26 @@ def test_registration_converts_the_cpu_networks_so_the_first_scan_does_not(ensem
         return convert(self, shape)
 
     monkeypatch.setattr(OpenVINOForward, "_convert", counted)
-    register_ensemble.fn(ctx, ensemble_dir, 0.5, "set", {})
+    quantized, quantize = [], OpenVINOForward._quantize
+
+    def counted_int8(self, shape):
+        quantized.append(shape)
+        return quantize(self, shape)
+
+    monkeypatch.setattr(OpenVINOForward, "_quantize", counted_int8)
+    register_ensemble.fn(ctx, ensemble_dir, 0.5, "set", {}, labelled)
     assert converted == [(1, 3, 32, 32, 8)] * 2  # one window shape per member, as a CPU predicts
-    assert client.get_run(run).data.metrics["model/cpu_networks_ready"] == 2
+    assert quantized == [(1, 3, 32, 32, 8)] * 2  # and its int8 network, from the converted one
+    metrics = client.get_run(run).data.metrics
+    record = json.loads((ensemble_dir / "cpu_inference.json").read_text())
+    assert metrics["model/cpu_networks_ready"] == record["ready"] in (2, 4)
+    assert metrics["model/int8_passed"] == float(record["int8"]["passed"])
+    tags = store_client(uri).get_model_version("m", "1").tags
+    assert tags["cpu_int8"] == ("passed" if record["int8"]["passed"] else "not used")
+    assert tags["cpu_int8_reason"] == record["int8"]["reason"] != ""
+    logged = {a.path for a in client.list_artifacts(run, "ensemble/artifacts/ensemble")}
+    assert "ensemble/artifacts/ensemble/cpu_inference.json" in logged  # travels with the version
+    monkeypatch.setattr(OpenVINOForward, "_quantize", lambda self, shape: pytest.fail(f"quantized again {shape}"))
 
     def again(self, shape):
         raise AssertionError(f"converted again for {shape}")

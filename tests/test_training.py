@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_fit_writes_a_loadable_best_checkpoint_and_logs(cases, tmp_path):
     assert prob.shape == image.shape[1:] and float(prob.min()) >= 0 and float(prob.max()) <= 1
 
 
-def test_finished_training_is_reused_and_killed_training_resumes(cases, tmp_path):
+def test_finished_training_is_reused_and_killed_training_resumes(cases, tmp_path, caplog):
     class Killed(RuntimeError):
         pass
 
@@ -117,8 +118,10 @@ def test_finished_training_is_reused_and_killed_training_resumes(cases, tmp_path
     with pytest.raises(Killed):
         fit(cases[:3], cases[3:], s, tmp_path / "m", callbacks=TrainCallbacks(on_log=kill_at_7))
     assert (tmp_path / "m" / "last.pt").exists() and not (tmp_path / "m" / "result.json").exists()
-    resumed = fit(cases[:3], cases[3:], s, tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="viola_models.training.loop"):
+        resumed = fit(cases[:3], cases[3:], s, tmp_path / "m")
     assert resumed.resumed_from == 5 and resumed.steps == 10
+    assert ", 10 steps on cpu, resuming after step 5" in caplog.text
     stamp = (tmp_path / "m" / "best.pt").stat().st_mtime_ns
     again = fit(cases[:3], cases[3:], s, tmp_path / "m")
     assert again.best_dice == resumed.best_dice and (tmp_path / "m" / "best.pt").stat().st_mtime_ns == stamp

@@ -7,9 +7,14 @@ and reads that cache).
 * ``openvino``: the same network converted once per member and window shape to OpenVINO's model
   format, kept in a cache folder keyed by the weights' content, and compiled for the CPU with
   ``INFERENCE_PRECISION_HINT`` fp32 or bf16. Optional: ``pip install viola-ich[openvino]``.
+* ``int8`` (OpenVINO only): the converted network quantized after training by NNCF, calibrated on
+  windows of the member's training scans, cached beside the others. It is made, and checked
+  against fp32, when a round registers its ensemble (:mod:`viola_models.inference.quantization`);
+  ``auto`` takes it only for an ensemble whose check passed and whose int8 networks are cached.
 
 ``auto`` picks are detected, not assumed: OpenVINO when it is installed and the device is the CPU;
-bf16 when the CPU computes it natively (its AVX512-BF16 or AMX flags), fp32 otherwise. On CUDA
+int8 for an ensemble that passed its int8 check; else bf16 when the CPU computes it natively
+(its AVX512-BF16 or AMX flags), fp32 otherwise. On CUDA
 the torch predictor decides (bf16 autocast where the GPU supports it).
 """
 
@@ -25,12 +30,13 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-__all__ = ["InferenceSettings", "OpenVINOForward", "cpu_bf16_supported", "default_cache_dir", "openvino_available",
-           "prune_cache", "resolve_backend"]
+__all__ = ["InferenceSettings", "OpenVINOForward", "cpu_bf16_supported", "default_cache_dir", "nncf_available",
+           "openvino_available", "prune_cache", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,13 @@ class InferenceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     backend: Literal["auto", "torch", "openvino"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     cache_dir: Path | None = None  # converted OpenVINO networks; None: default_cache_dir()
+    # at registration: int8 networks made and checked against fp32 eager ("auto": where OpenVINO and
+    # NNCF are installed), on windows and whole scans of the round's labelled scans
+    quantize: Literal["auto", "off"] = "auto"
+    calibration_windows: int = Field(16, ge=1, le=1024)
+    guard_scans: int = Field(2, ge=1, le=64)
 
 
 def default_cache_dir() -> Path:
@@ -76,9 +87,20 @@ def openvino_available() -> bool:
     return True
 
 
-def resolve_backend(settings: InferenceSettings, device: torch.device) -> tuple[str, str]:
-    """The (backend, precision) that ``settings`` mean on ``device``; ValueError when the choice
-    cannot be honoured here (OpenVINO asked for but not installed, or asked for on a GPU)."""
+@functools.cache
+def nncf_available() -> bool:
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(settings: InferenceSettings, device: torch.device, int8_ready: bool = False) -> tuple[str, str]:
+    """The (backend, precision) that ``settings`` mean on ``device``; ``int8_ready``: the ensemble
+    passed its int8 check and its int8 networks are cached (``auto`` then takes int8). ValueError
+    when the choice cannot be honoured here (OpenVINO asked for but not installed, or asked for on
+    a GPU; int8 on the PyTorch backend)."""
     if device.type != "cpu":
         if settings.backend == "openvino":
             raise ValueError(f"the OpenVINO backend runs on the CPU, not on {device}")
@@ -88,9 +110,11 @@ def resolve_backend(settings: InferenceSettings, device: torch.device) -> tuple[
         raise ValueError("the OpenVINO backend is not installed: pip install 'viola-ich[openvino]'")
     if backend == "auto":
         backend = "openvino" if openvino_available() else "torch"
+    if settings.precision == "int8" and backend != "openvino":
+        raise ValueError("int8 inference runs on the OpenVINO backend: pip install 'viola-ich[openvino]'")
     precision = settings.precision
     if precision == "auto":
-        precision = "bf16" if cpu_bf16_supported() else "fp32"
+        precision = "int8" if int8_ready and backend == "openvino" else "bf16" if cpu_bf16_supported() else "fp32"
     return backend, precision
 
 
@@ -126,10 +150,15 @@ class OpenVINOForward:
     leaves a half-written entry; an unreadable entry is converted again. OpenVINO's results depend
     on ``threads`` in the last bits (nnU-Net's reductions are split by thread): processes that must
     agree use one thread count.
+
+    ``precision="int8"``: the network quantized by NNCF, its own cache entry (key: the same, and
+    int8). Made from ``calibration`` (input windows of the patch shape) on a miss; without
+    ``calibration`` a missing entry is a LookupError (:meth:`cached` tells beforehand).
     """
 
-    def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16"] = "fp32",
-                 cache_dir: Path | None = None, threads: int | None = None, max_entries: int = 64) -> None:
+    def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16", "int8"] = "fp32",
+                 cache_dir: Path | None = None, threads: int | None = None, max_entries: int = 64,
+                 calibration: list | None = None) -> None:
         import openvino as ov
 
         self._ov = ov
@@ -138,13 +167,22 @@ class OpenVINOForward:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.threads = threads or torch.get_num_threads()
         self.max_entries = max_entries
+        self.calibration = calibration
         self._digest = _weights_digest(model)
         self._compiled: dict[tuple[int, ...], object] = {}
         self.core = ov.Core()
 
-    def _key(self, shape: tuple[int, ...]) -> str:
+    def _key(self, shape: tuple[int, ...], int8: bool = False) -> str:
         text = f"{self._digest}|{shape}|openvino {self._ov.__version__}|torch {torch.__version__}"
+        if int8:
+            import nncf
+
+            text += f"|int8 nncf {nncf.__version__}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def cached(self, shape: tuple[int, ...]) -> bool:
+        """Whether this precision's network for ``shape`` is in the cache (nothing is converted)."""
+        return (self.cache_dir / self._key(shape, self.precision == "int8") / "model.xml").is_file()
 
     def _convert(self, shape: tuple[int, ...]):
         example = torch.zeros(shape)
@@ -155,8 +193,23 @@ class OpenVINOForward:
             traced = torch.jit.trace(self.model, example, check_trace=False)
             return self._ov.convert_model(traced, input=[shape])
 
-    def _model_for(self, shape: tuple[int, ...]):
-        entry = self.cache_dir / self._key(shape)
+    def _quantize(self, shape: tuple[int, ...]):
+        """NNCF post-training quantization of the fp32 network on the calibration windows."""
+        import nncf
+
+        if not self.calibration:
+            raise LookupError(f"no int8 network for input {shape} in {self.cache_dir}: it is made when a round "
+                              "registers the ensemble (or give calibration windows)")
+        windows = [np.ascontiguousarray(w, dtype=np.float32).reshape(shape) for w in self.calibration]
+        level = logging.getLogger("nncf").level
+        logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress bars and notes, per member
+        try:
+            return nncf.quantize(self._model_for(shape, int8=False), nncf.Dataset(windows),
+                                 preset=nncf.QuantizationPreset.MIXED, subset_size=len(windows))
+        finally:
+            logging.getLogger("nncf").setLevel(level)
+
+    def _read_entry(self, entry: Path):
         xml = entry / "model.xml"
         if xml.is_file():
             try:
@@ -167,7 +220,16 @@ class OpenVINOForward:
                 log.warning("cached OpenVINO network %s is unreadable (%s); converting again", entry,
                             str(e).strip().splitlines()[0][:120])
                 shutil.rmtree(entry, ignore_errors=True)
-        converted = self._convert(shape)
+        return None
+
+    def _model_for(self, shape: tuple[int, ...], int8: bool | None = None):
+        int8 = self.precision == "int8" if int8 is None else int8
+        entry = self.cache_dir / self._key(shape, int8)
+        model = self._read_entry(entry)
+        if model is not None:
+            return model
+        converted = self._quantize(shape) if int8 else self._convert(shape)
+        xml = entry / "model.xml"
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.cache_dir))
@@ -187,7 +249,9 @@ class OpenVINOForward:
 
     def compiled(self, shape: tuple[int, ...]):
         if shape not in self._compiled:
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+            # int8: the layers left in float run in bf16 where the CPU has it
+            bf16 = self.precision == "bf16" or (self.precision == "int8" and cpu_bf16_supported())
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                       "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
             self._compiled[shape] = self.core.compile_model(self._model_for(shape), "CPU", config)
             log.debug("compiled an OpenVINO network for input %s (%s)", shape, self.precision)
@@ -198,4 +262,3 @@ class OpenVINOForward:
         request = self.compiled(shape).create_infer_request()
         out = request.infer({0: x.detach().to("cpu", torch.float32).contiguous().numpy()})[0]
         return torch.from_numpy(out.copy())
-

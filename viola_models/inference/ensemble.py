@@ -6,6 +6,8 @@ Layout::
                             the preprocessing they were trained with, the calibration of the
                             selection score, and free metadata (round, profile, ...)
     calibration.csv         the out-of-fold points the calibration was fitted on (optional)
+    cpu_inference.json      the CPU networks made at registration and the int8 check's outcome
+                            (optional: :func:`prepare_cpu_networks`)
     <member>/best.pt        one member checkpoint each (:func:`load_member`)
 
 A round writes it once its members are trained; ``viola predict``, pseudo-labelling and
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,20 +30,23 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
-from data_catalog.preprocessing import PreprocessSettings
+from data_catalog.preprocessing import PreprocessSettings, load_preprocessed
 from data_catalog.scans import atomic_write
 from data_catalog.selection import Calibration, fit_calibration
-from viola_models.inference.backends import InferenceSettings, OpenVINOForward, resolve_backend
+from viola_models.inference.backends import InferenceSettings, OpenVINOForward, nncf_available, resolve_backend
 from viola_models.inference.members import MemberCheckpoint, load_member
+from viola_models.inference.predictors import as_predictor, fold_batch_norm
+from viola_models.inference.quantization import calibration_windows, check_int8
 from viola_models.inference.sliding_window import make_predictors
 
 __all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "initial_member", "load_ensemble",
-           "load_member", "prepare_cpu_networks", "read_manifest", "write_ensemble"]
+           "load_member", "prepare_cpu_networks", "read_cpu_record", "read_manifest", "write_ensemble"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "ensemble.json"
 POINTS = "calibration.csv"
+CPU_RECORD = "cpu_inference.json"
 
 
 class EnsembleError(ValueError):
@@ -186,24 +192,85 @@ def load_ensemble(folder: Path, device: torch.device | str = "cpu", amp: bool = 
     sizes = {tuple(m.patch_size) for _, m in members}
     log.info("ensemble of %d member(s) on %s, patch size(s) %s", len(members), device, sorted(sizes))
     meta = {k: v for k, v in data.items() if k not in ("members", "preprocess", "calibration", "checkpoints")}
-    return Ensemble(members=members, preprocess=data["preprocess"], device=device,
-                    predictors=make_predictors(members, device, amp, inference), source=str(folder),
-                    calibration=data.get("calibration"), calibration_points=points, meta=meta)
+    int8 = read_cpu_record(folder).get("int8", {}).get("passed") is True
+    predictors = make_predictors(members, device, amp, inference, int8_checked=int8,
+                                 channels=len(data["preprocess"].windows))
+    return Ensemble(members=members, preprocess=data["preprocess"], device=device, predictors=predictors,
+                    source=str(folder), calibration=data.get("calibration"), calibration_points=points, meta=meta)
 
 
-def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = None) -> int:
+def read_cpu_record(folder: Path) -> dict:
+    """``cpu_inference.json`` of an ensemble folder ({} when it has none or it is unreadable: the
+    members then run at the CPU's float precision)."""
+    path = Path(folder) / CPU_RECORD
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s is unreadable (%s): int8 is not used", path, type(e).__name__)
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("int8", {}), dict) else {}
+
+
+def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = None,
+                         scans: Sequence[Path] = (), seed: int = 0) -> dict:
     """Make every member's CPU network ready for its prediction window, as the first scan of
     ``viola predict`` or of the pyfunc model would: with the OpenVINO backend each network is
     converted once into its content-keyed cache (``inference.cache_dir``), so no user's first scan
-    pays for it. Returns how many networks are ready there; 0 when the CPU runs PyTorch itself
-    (nothing to convert)."""
-    if resolve_backend(inference or InferenceSettings(), torch.device("cpu"))[0] != "openvino":
-        return 0  # nothing to convert: the members are not even loaded
-    ensemble = load_ensemble(folder, device="cpu", inference=inference)
+    pays for it. With ``inference.quantize`` "auto", NNCF installed and ``scans`` (preprocessed
+    cases of the members' labelled scans) the int8 networks are made too, calibrated on
+    ``inference.calibration_windows`` windows of the scans, and checked against fp32 on the first
+    ``inference.guard_scans`` of them (:func:`viola_models.inference.quantization.check_int8`).
+
+    Writes the outcome to ``cpu_inference.json`` in the folder (read by :func:`load_ensemble`:
+    ``auto`` runs int8 only when the check passed) and returns it, with ``ready``: how many
+    networks are in the cache (0 when the CPU runs PyTorch itself: nothing to convert)."""
+    inference = inference or InferenceSettings()
+    backend, _ = resolve_backend(inference, torch.device("cpu"))
+    if backend != "openvino":
+        return {"ready": 0, "backend": backend, "int8": {"passed": False, "reason": "the CPU runs PyTorch"}}
+    # the float networks (int8 is calibrated from them), at the precision `auto` takes without int8
+    floating = inference.model_copy(update={"precision": "auto"}) if inference.precision == "int8" else inference
+    floating = floating.model_copy(update={"precision": resolve_backend(floating, torch.device("cpu"))[1]})
+    ensemble = load_ensemble(folder, device="cpu", inference=floating)
     channels = len(ensemble.preprocess.windows)
     ready = 0
     for (_, meta), predictor in zip(ensemble.members, ensemble.predictors):
         if isinstance(predictor, OpenVINOForward):  # a CPU takes one window per call (predict_ensemble)
             predictor.compiled((1, channels, *meta.patch_size))
             ready += 1
-    return ready
+    record = {"ready": ready, "backend": backend, "int8": _prepare_int8(ensemble, inference, scans, seed)}
+    if record["int8"]["passed"]:
+        record["ready"] += len(ensemble.members)
+    text = json.dumps(record, indent=1)
+    atomic_write(Path(folder) / CPU_RECORD, lambda tmp: tmp.write_text(text))
+    return record
+
+
+def _prepare_int8(ensemble: Ensemble, inference: InferenceSettings, scans: Sequence[Path], seed: int) -> dict:
+    """The int8 networks of ``ensemble`` made and checked (see :func:`prepare_cpu_networks`)."""
+    if inference.quantize == "off":
+        return {"passed": False, "reason": "[inference] quantize is off"}
+    if not nncf_available():
+        return {"passed": False, "reason": "NNCF is not installed (pip install 'viola-ich[openvino]')"}
+    if not scans:
+        return {"passed": False, "reason": "no labelled scans to calibrate on"}
+    t0 = time.perf_counter()
+    images = [load_preprocessed(Path(p)).image for p in scans]
+    channels = len(ensemble.preprocess.windows)
+    refs, lows = [], []
+    for model, meta in ensemble.members:
+        windows = calibration_windows(images, meta.patch_size, inference.calibration_windows, seed)
+        low = OpenVINOForward(fold_batch_norm(model), "int8", inference.cache_dir, calibration=windows)
+        low.compiled((1, channels, *meta.patch_size))  # quantized into the cache now
+        refs.append(as_predictor(model, torch.device("cpu"), None))
+        lows.append(low)
+    made = time.perf_counter() - t0
+    check = check_int8(refs, lows, ensemble.names, [m.patch_size for _, m in ensemble.members],
+                       images[:inference.guard_scans])
+    log.info("int8 networks of %d member(s) %s the check against fp32: %s", len(lows),
+             "pass" if check.passed else "fail", check.reason)
+    return {**check.to_json(), "calibration_windows": inference.calibration_windows, "scans": len(images),
+            "guard_scans": min(len(images), inference.guard_scans), "quantize_seconds": round(made, 2),
+            "check_seconds": round(time.perf_counter() - t0 - made, 2)}

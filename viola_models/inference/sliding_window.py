@@ -101,18 +101,43 @@ def predict_ensemble(
     return EnsembleOutput(member_probs=stack, mean_prob=stack.mean(0), member_names=[m.name for _, m in members])
 
 
+def _int8_networks(members: Sequence[tuple[nn.Module, MemberCheckpoint]], inference: InferenceSettings,
+                   channels: int) -> list[OpenVINOForward] | None:
+    """The members' cached int8 networks; None (``auto``: the caller falls back) or ValueError
+    (int8 asked for) when one is not in the cache."""
+    nets = [OpenVINOForward(fold_batch_norm(model), "int8", inference.cache_dir) for model, _ in members]
+    missing = [meta.name for net, (_, meta) in zip(nets, members)
+               if not net.cached((1, channels, *meta.patch_size))]
+    if not missing:
+        return nets
+    cache = nets[0].cache_dir
+    if inference.precision == "int8":
+        raise ValueError(f"the int8 network of {', '.join(missing)} is not in {cache}: it is made when a round "
+                          "registers the ensemble; use another precision here")
+    log.info("int8 networks of %s not in %s: the members run at the CPU's float precision", ", ".join(missing), cache)
+    return None
+
+
 def make_predictors(
     members: Sequence[tuple[nn.Module, MemberCheckpoint]], device: torch.device, amp: bool = True,
-    inference: InferenceSettings | None = None,
+    inference: InferenceSettings | None = None, int8_checked: bool = False, channels: int | None = None,
 ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """Evaluation callables for the members on ``device``: batch norm folded; on GPUs CUDA graphs
     and bf16 autocast where supported (``amp``); on the CPU the backend and precision of
-    ``inference`` (:func:`viola_models.inference.backends.resolve_backend`; default: detected)."""
+    ``inference`` (:func:`viola_models.inference.backends.resolve_backend`; default: detected).
+    ``int8_checked``: the ensemble passed its int8 check (``auto`` takes its cached int8 networks
+    of ``channels`` input channels)."""
     inference = inference or InferenceSettings()
     if device.type == "cuda":
         dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else None
         return [as_predictor(model, device, dtype) for model, _ in members]
-    backend, precision = resolve_backend(inference, device)
+    backend, precision = resolve_backend(inference, device, int8_ready=int8_checked)
+    if precision == "int8":
+        nets = _int8_networks(members, inference, channels or 1)
+        if nets is not None:
+            log.info("members run on %s with %s at int8", device, backend)
+            return nets
+        backend, precision = resolve_backend(inference, device)
     log.info("members run on %s with %s at %s", device, backend, precision)
     if backend == "openvino":
         return [OpenVINOForward(fold_batch_norm(model), precision, inference.cache_dir) for model, _ in members]

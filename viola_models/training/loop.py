@@ -344,9 +344,9 @@ def fit(
     if "validation case(s)" in selection:  # a fallback, not a choice: the user should know
         log.warning("%s: best.pt holds the %s", out_dir.name, selection)
     batches, started, window = iter(loader), time.perf_counter(), _LossWindow()
-    log.info("%s: %s (%s parameters), %d training / %d validation cases, %d steps on %s", out_dir.name,
+    log.info("%s: %s (%s parameters), %d training / %d validation cases, %d steps on %s%s", out_dir.name,
              settings.model, f"{count_parameters(run.model):,}", len(train_items), len(val_items), settings.max_steps,
-             device)
+             device, f", resuming after step {resumed_from}" if resumed_from else "")
     loss_fn = DiceFocalIgnoring()
     run.model.train()
     forward = run.model if settings.compile == "off" else torch.compile(run.model, mode=settings.compile)
