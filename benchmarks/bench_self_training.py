@@ -11,7 +11,8 @@ truth of the unlabelled ones), through the real pipeline (the `self-training` fl
   so that control 2 has had exactly the compute of round 2;
 * with ``--options``, round 1 again in a copy of the data root after round 0, once per variant
   (``OPTIONS``: the paper's student, a stricter or a lenient rule, no rank selection, no strong
-  noise, no balanced batches, a student from scratch), each with its own control where the option
+  noise, no balanced batches, a student from scratch, a longer fine-tune, uncertain voxels left out
+  of the loss), each with its own control where the option
   changes what the control does.
 
 What it reports (``report.txt``):
@@ -65,6 +66,8 @@ OPTIONS = {  # overrides of the profile, and whether the option changes what its
     "lenient": ({"pseudo": {"rule": {"min_predicted_dice": 0.3}}}, False),
     "scratch": ({"student": {"init": "scratch"}}, True),
     "finetune-600": ({"finetune": {"max_steps": 600}}, True),  # both arms three times longer
+    # voxel-level confidence: the voxels the teacher is unsure of (probability 0.3-0.7) carry no loss
+    "ignore-band": ({"pseudo": {"ignore_band": [0.3, 0.7]}}, False),
 }
 
 CORE = ("round0", "round1", "round1-control", "round1-oracle", "round2", "round2-control")

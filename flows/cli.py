@@ -200,6 +200,33 @@ def show_catalog(data_root: Path) -> None:
     typer.echo(catalog.describe(data_root))
 
 
+@app.command()
+def export(
+    data_root: Path,
+    out: Annotated[Path, typer.Option(help="folder to write the dataset into (nnU-Net's nnUNet_raw)")],
+    round_: Annotated[int, typer.Option("--round", min=0, help="whose selected pseudo-labels join the labelled "
+                                        "scans (0: the labelled scans alone)")],
+    format_: Annotated[str, typer.Option("--format", help="nnunet: an nnU-Net v2 raw dataset")] = "nnunet",
+    dataset_id: Annotated[int, typer.Option(min=1, max=999, help="nnU-Net's dataset id (DatasetNNN_NAME)")] = 501,
+    name: str = "ViolaICH",
+) -> None:
+    """Export DATA_ROOT's labelled scans and a round's selected pseudo-labels for another tool:
+    ``--format nnunet`` writes DatasetNNN_NAME/ (imagesTr, labelsTr, imagesTs, dataset.json)."""
+    _setup()
+    from data_catalog.nnunet import write_nnunet_dataset
+
+    if format_ != "nnunet":
+        _fail(f"--format {format_!r}: this version exports nnunet only")
+    if not data_root.is_dir():
+        _fail(f"data root {data_root} does not exist")
+    try:
+        done = write_nnunet_dataset(data_root, out, round_, dataset_id, name)
+    except _KNOWN as e:
+        _fail(str(e))
+    typer.echo(f"wrote {done['folder']}: {done['labelled']} labelled scan(s), {done['pseudo_labels']} "
+               f"pseudo-label(s) of round {round_}, {done['test']} test scan(s)")
+
+
 def _mark_stopped(work_dir: Path, tracking_uri: str | None, signal_name: str, held: bool = False) -> None:
     """The stopped call's MLflow runs set KILLED, in a thread given a few seconds: a store that
     died with the same signal (a served one) must not hold the exit. ``held``: this process still
@@ -382,7 +409,8 @@ def predict(
         help="CPU backend: auto (OpenVINO when installed), torch or openvino (default: the profile's [inference])")
     ] = None,
     precision: Annotated[str | None, typer.Option(
-        help="CPU precision: auto (bf16 where the CPU has it natively), fp32 or bf16 (default: the profile's)")
+        help="CPU precision: auto (int8 for a model whose int8 check passed at registration, else bf16 where "
+             "the CPU has it natively), fp32, bf16 or int8 (default: the profile's)")
     ] = None,
     profile: Annotated[str, typer.Option(help="profile whose registry model / data root to use")] = "demo",
     data: Annotated[Path | None, typer.Option(help="data root for --round (default: the profile's)")] = None,
@@ -470,7 +498,8 @@ def _load_model(choice: _ModelChoice):
         _fail(str(e))
     source = choice.checkpoints or (f"round {choice.round}" if choice.round is not None else choice.model or
                                     f"models:/{settings.tracking.registered_model}@champion")
-    how = f" ({chosen[0]}, {chosen[1]})" if device == "cpu" else ""
+    ran = getattr(ensemble.predictors[0], "precision", chosen[1]) if ensemble.predictors else chosen[1]
+    how = f" ({chosen[0]}, {ran})" if device == "cpu" else ""
     typer.echo(f"ensemble: {len(ensemble.members)} member(s) from {source} on {device}{how}")
     return ensemble
 
