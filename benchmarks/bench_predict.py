@@ -148,14 +148,32 @@ def make_int8(ens_dir: Path, inference: InferenceSettings, windows_of: int = 900
     return time.perf_counter() - t0
 
 
+def _constant_windows(image: np.ndarray, patch=(160, 160, 16), overlap: float = 0.5) -> int:
+    """Windows (MONAI's placement) whose input is one value per channel: only those have an output
+    that is provably the same without running the network on each."""
+    starts = []
+    for size, p in zip(image.shape[1:], patch):
+        step = max(1, int(p * (1 - overlap)))
+        starts.append(sorted({min(start, max(size - p, 0)) for start in range(0, max(size, p), step)}))
+    count = 0
+    for x in starts[0]:
+        for y in starts[1]:
+            for z in starts[2]:
+                w = image[:, x:x + patch[0], y:y + patch[1], z:z + patch[2]]
+                count += all(np.ptp(w[c]) == 0 for c in range(w.shape[0]))
+    return count
+
+
 def speed(args, scans: list[Path], post_real: float, tmp: Path, devices: list[str]) -> None:
     from data_catalog.preprocessing import preprocess_arrays
     from data_catalog.scans import read_image
 
     image, info = read_image(scans[0])
-    pre_shape = preprocess_arrays(image, info.affine, None, PreprocessSettings()).image.shape[1:]
+    pre = preprocess_arrays(image, info.affine, None, PreprocessSettings()).image
+    pre_shape = pre.shape[1:]
     n_win = _windows(pre_shape, overlap=args.overlap) * (4 if args.tta else 1)
-    print(f"# preprocessed (head's bounding box) {tuple(pre_shape)}: {n_win} windows per member per scan")
+    print(f"# preprocessed (head's bounding box) {tuple(pre_shape)}: {n_win} windows per member per scan, "
+          f"{_constant_windows(pre, overlap=args.overlap)} of them constant (air only: one output would serve all)")
     print(f"{'device':<7}{'members':>8}{'backend':>16}{'first':>8}{'s/scan':>9}{'ratio':>7}{'realistic':>10}"
           f"{'s/window':>10}  breakdown (median s)")
     for n in (int(v) for v in args.members.split(",")):
