@@ -25,7 +25,9 @@ how many voxels differ). Random members give noise masks, on which such a compar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -44,14 +46,11 @@ from data_catalog.preprocessing import PreprocessSettings
 from data_catalog.scans import save_nifti_like
 from viola_models.inference.backends import (
     InferenceSettings,
-    OpenVINOForward,
     cpu_bf16_supported,
     nncf_available,
     openvino_available,
 )
-from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks, write_ensemble
-from viola_models.inference.predictors import fold_batch_norm
-from viola_models.inference.quantization import calibration_windows
+from viola_models.inference.ensemble import load_ensemble, prepare_cpu_networks, quantize_members, write_ensemble
 from viola_models.inference.segment import segment_scan
 from viola_models.nets.configs import build_model, model_config
 
@@ -70,8 +69,11 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, native bf16: {'yes' if cpu_bf16_supported() else 'no'}{gpu}"
 
 
-def make_ensemble(folder: Path, n: int) -> Path:
-    names = [("viola_l" if i % 2 == 0 else "nnunet_r", i // 2) for i in range(n)]
+def make_ensemble(folder: Path, n: int, archs: tuple[str, str] = ("viola_l", "nnunet_r"),
+                  patch_size: tuple[int, int, int] = (160, 160, 16),
+                  preprocess: PreprocessSettings | None = None) -> Path:
+    """``n`` members of random weights, the two architectures in turn (the paper's by default)."""
+    names = [(archs[i % 2], i // 2) for i in range(n)]
     members = []
     for arch, fold in names:
         torch.manual_seed(fold)
@@ -79,10 +81,10 @@ def make_ensemble(folder: Path, n: int) -> Path:
         name = f"{arch}-fold{fold}"
         (folder / name).mkdir(parents=True, exist_ok=True)
         torch.save({"model_name": arch, "model_config": json.dumps(model_config(arch)),
-                    "state_dict": model.state_dict(), "patch_size": [160, 160, 16], "member": name},
+                    "state_dict": model.state_dict(), "patch_size": list(patch_size), "member": name},
                    folder / name / "best.pt")
         members.append({"name": name, "checkpoint": folder / name / "best.pt"})
-    write_ensemble(folder, members, PreprocessSettings())
+    write_ensemble(folder, members, preprocess or PreprocessSettings())
     return folder
 
 
@@ -123,13 +125,18 @@ def _backends(spec: str, device: str) -> list[tuple[str, str]]:
     return out
 
 
-def _windows(shape: tuple[int, ...], patch=(160, 160, 16), overlap: float = 0.5) -> int:
-    """Sliding windows per scan (MONAI's placement: starts every patch * (1 - overlap), the last flush)."""
-    count = 1
+def _starts(shape: tuple[int, ...], patch=(160, 160, 16), overlap: float = 0.5) -> list[list[int]]:
+    """Per axis, where sliding windows start (MONAI's placement: every patch * (1 - overlap), the last flush)."""
+    starts = []
     for size, p in zip(shape, patch):
         step = max(1, int(p * (1 - overlap)))
-        count *= len({min(start, max(size - p, 0)) for start in range(0, max(size, p), step)})
-    return count
+        starts.append(sorted({min(start, max(size - p, 0)) for start in range(0, max(size, p), step)}))
+    return starts
+
+
+def _windows(shape: tuple[int, ...], patch=(160, 160, 16), overlap: float = 0.5) -> int:
+    """Sliding windows per scan."""
+    return math.prod(len(s) for s in _starts(shape, patch, overlap))
 
 
 def make_int8(ens_dir: Path, inference: InferenceSettings, windows_of: int = 900) -> float:
@@ -140,27 +147,17 @@ def make_int8(ens_dir: Path, inference: InferenceSettings, windows_of: int = 900
     t0 = time.perf_counter()
     ens = load_ensemble(ens_dir, inference=inference.model_copy(update={"precision": "fp32"}))
     ph = generate_phantom(seed=windows_of, size="full")
-    image = preprocess_arrays(ph.image, ph.affine, None, ens.preprocess).image
-    for model, meta in ens.members:
-        shape = (1, image.shape[0], *meta.patch_size)
-        windows = calibration_windows([image], meta.patch_size, inference.calibration_windows)
-        OpenVINOForward(fold_batch_norm(model), "int8", inference.cache_dir, calibration=windows).compiled(shape)
+    quantize_members(ens, inference, [preprocess_arrays(ph.image, ph.affine, None, ens.preprocess).image])
     return time.perf_counter() - t0
 
 
 def _constant_windows(image: np.ndarray, patch=(160, 160, 16), overlap: float = 0.5) -> int:
     """Windows (MONAI's placement) whose input is one value per channel: only those have an output
     that is provably the same without running the network on each."""
-    starts = []
-    for size, p in zip(image.shape[1:], patch):
-        step = max(1, int(p * (1 - overlap)))
-        starts.append(sorted({min(start, max(size - p, 0)) for start in range(0, max(size, p), step)}))
     count = 0
-    for x in starts[0]:
-        for y in starts[1]:
-            for z in starts[2]:
-                w = image[:, x:x + patch[0], y:y + patch[1], z:z + patch[2]]
-                count += all(np.ptp(w[c]) == 0 for c in range(w.shape[0]))
+    for x, y, z in itertools.product(*_starts(image.shape[1:], patch, overlap)):
+        w = image[:, x:x + patch[0], y:y + patch[1], z:z + patch[2]]
+        count += all(np.ptp(w[c]) == 0 for c in range(w.shape[0]))
     return count
 
 

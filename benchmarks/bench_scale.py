@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.bench_predict import machine
+from benchmarks.bench_predict import machine, make_ensemble
 from data_catalog import catalog
 from data_catalog.phantoms import write_phantom_dataset
 from data_catalog.preprocessing import cached_preprocess
@@ -85,22 +85,6 @@ def phantoms(out: Path, n: int) -> tuple[Path, Path]:
     return base, extra
 
 
-def demo_ensemble(folder: Path, preprocess) -> Path:
-    from viola_models.inference.ensemble import write_ensemble
-    from viola_models.nets.configs import build_model, model_config
-
-    members = []
-    for arch in ("viola_small", "nnunet_small"):
-        torch.manual_seed(0)
-        (folder / arch).mkdir(parents=True, exist_ok=True)
-        torch.save({"model_name": arch, "model_config": json.dumps(model_config(arch)),
-                    "state_dict": build_model(arch).state_dict(), "patch_size": [48, 48, 16], "member": arch},
-                   folder / arch / "best.pt")
-        members.append({"name": arch, "checkpoint": folder / arch / "best.pt"})
-    write_ensemble(folder, members, preprocess)
-    return folder
-
-
 def one_size(out: Path, n: int, ensemble_dir: Path | None) -> dict:
     from data_catalog.selection import select_pseudo_labels
     from flows.profiles import load_profile
@@ -133,7 +117,8 @@ def one_size(out: Path, n: int, ensemble_dir: Path | None) -> dict:
         with measured(res, stage):
             for s in scans.values():
                 cached_preprocess(cache, Path(s["image"]), s["image_hash"], settings.preprocess)
-    ens = ensemble_dir or demo_ensemble(out / "ensemble", settings.preprocess)
+    ens = ensemble_dir or make_ensemble(out / "ensemble", 2, ("viola_small", "nnunet_small"), (48, 48, 16),
+                                        settings.preprocess)
     with measured(res, "pseudo_label"):
         table = label_scans(lambda: load_ensemble(ens, device="cpu"), scans, root / "pseudo", "bench",
                             cache_dir=cache, overlap=settings.pseudo.overlap, tta=False)

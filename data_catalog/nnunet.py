@@ -69,11 +69,11 @@ def write_nnunet_dataset(root: Path, out: Path, round_: int, dataset_id: int = 5
     folder = out / dataset_folder_name(dataset_id, name)
     if folder.exists():
         raise ValueError(f"{folder} exists already: remove it or choose another --dataset-id")
-    labelled, test = usable_scans(root, "labelled"), usable_scans(root, "test")
+    every = usable_scans(root)
+    labelled, test = every[every["role"] == "labelled"], every[every["role"] == "test"]
     pseudo = load_pseudo_labels(root, round_)
     if round_ > 0 and pseudo.empty:
         raise ValueError(f"round {round_} has no pseudo-labels in {root}'s catalog: run that round first")
-    every = usable_scans(root)
     images = dict(zip(every["scan_id"], every["image_path"]))
     chosen = pseudo[pseudo["selected"] & (pseudo["mask_path"] != "")]
     training = [(s, img, root / lab, "labelled") for s, img, lab in

@@ -78,22 +78,22 @@ def cpu_bf16_supported() -> bool:
     return False
 
 
-@functools.cache
-def openvino_available() -> bool:
+def _importable(module: str) -> bool:
     try:
-        import openvino  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def openvino_available() -> bool:
+    return _importable("openvino")
 
 
 @functools.cache
 def nncf_available() -> bool:
-    try:
-        import nncf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("nncf")
 
 
 def resolve_backend(settings: InferenceSettings, device: torch.device, int8_ready: bool = False) -> tuple[str, str]:

@@ -40,7 +40,8 @@ from viola_models.inference.quantization import calibration_windows, check_int8
 from viola_models.inference.sliding_window import make_predictors
 
 __all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "initial_member", "load_ensemble",
-           "load_member", "prepare_cpu_networks", "read_cpu_record", "read_manifest", "write_ensemble"]
+           "load_member", "prepare_cpu_networks", "quantize_members", "read_cpu_record", "read_manifest",
+           "write_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,23 @@ def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = Non
     return record
 
 
+def quantize_members(ensemble: Ensemble, inference: InferenceSettings, images: Sequence, seed: int = 0
+                     ) -> list[OpenVINOForward]:
+    """Every member's int8 network for its window, quantized into ``inference.cache_dir`` now (or
+    read from it), calibrated on ``inference.calibration_windows`` seeded windows of ``images``
+    (preprocessed, (C, X, Y, Z)). The members' folded networks are reused where the ensemble runs
+    on OpenVINO already."""
+    channels = len(ensemble.preprocess.windows)
+    lows = []
+    for (model, meta), predictor in zip(ensemble.members, ensemble.predictors):
+        folded = predictor.model if isinstance(predictor, OpenVINOForward) else fold_batch_norm(model)
+        windows = calibration_windows(images, meta.patch_size, inference.calibration_windows, seed)
+        low = OpenVINOForward(folded, "int8", inference.cache_dir, calibration=windows)
+        low.compiled((1, channels, *meta.patch_size))
+        lows.append(low)
+    return lows
+
+
 def _prepare_int8(ensemble: Ensemble, inference: InferenceSettings, scans: Sequence[Path], seed: int) -> dict:
     """The int8 networks of ``ensemble`` made and checked (see :func:`prepare_cpu_networks`)."""
     if inference.quantize == "off":
@@ -258,15 +276,9 @@ def _prepare_int8(ensemble: Ensemble, inference: InferenceSettings, scans: Seque
         return {"passed": False, "reason": "no labelled scans to calibrate on"}
     t0 = time.perf_counter()
     images = [load_preprocessed(Path(p)).image for p in scans]
-    channels = len(ensemble.preprocess.windows)
-    refs, lows = [], []
-    for model, meta in ensemble.members:
-        windows = calibration_windows(images, meta.patch_size, inference.calibration_windows, seed)
-        low = OpenVINOForward(fold_batch_norm(model), "int8", inference.cache_dir, calibration=windows)
-        low.compiled((1, channels, *meta.patch_size))  # quantized into the cache now
-        refs.append(as_predictor(model, torch.device("cpu"), None))
-        lows.append(low)
+    lows = quantize_members(ensemble, inference, images, seed)
     made = time.perf_counter() - t0
+    refs = [as_predictor(model, torch.device("cpu"), None) for model, _ in ensemble.members]
     check = check_int8(refs, lows, ensemble.names, [m.patch_size for _, m in ensemble.members],
                        images[:inference.guard_scans])
     log.info("int8 networks of %d member(s) %s the check against fp32: %s", len(lows),

@@ -101,21 +101,10 @@ def predict_ensemble(
     return EnsembleOutput(member_probs=stack, mean_prob=stack.mean(0), member_names=[m.name for _, m in members])
 
 
-def _int8_networks(members: Sequence[tuple[nn.Module, MemberCheckpoint]], inference: InferenceSettings,
-                   channels: int) -> list[OpenVINOForward] | None:
-    """The members' cached int8 networks; None (``auto``: the caller falls back) or ValueError
-    (int8 asked for) when one is not in the cache."""
-    nets = [OpenVINOForward(fold_batch_norm(model), "int8", inference.cache_dir) for model, _ in members]
-    missing = [meta.name for net, (_, meta) in zip(nets, members)
-               if not net.cached((1, channels, *meta.patch_size))]
-    if not missing:
-        return nets
-    cache = nets[0].cache_dir
-    if inference.precision == "int8":
-        raise ValueError(f"the int8 network of {', '.join(missing)} is not in {cache}: it is made when a round "
-                          "registers the ensemble; use another precision here")
-    log.info("int8 networks of %s not in %s: the members run at the CPU's float precision", ", ".join(missing), cache)
-    return None
+def _missing_int8(nets: Sequence[OpenVINOForward], members: Sequence[tuple[nn.Module, MemberCheckpoint]],
+                  channels: int) -> list[str]:
+    """The members whose int8 network for their window is not in the cache."""
+    return [meta.name for net, (_, meta) in zip(nets, members) if not net.cached((1, channels, *meta.patch_size))]
 
 
 def make_predictors(
@@ -132,14 +121,20 @@ def make_predictors(
         dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else None
         return [as_predictor(model, device, dtype) for model, _ in members]
     backend, precision = resolve_backend(inference, device, int8_ready=int8_checked)
-    if precision == "int8":
-        nets = _int8_networks(members, inference, channels or 1)
-        if nets is not None:
-            log.info("members run on %s with %s at int8", device, backend)
-            return nets
-        backend, precision = resolve_backend(inference, device)
-    log.info("members run on %s with %s at %s", device, backend, precision)
     if backend == "openvino":
-        return [OpenVINOForward(fold_batch_norm(model), precision, inference.cache_dir) for model, _ in members]
+        nets = [OpenVINOForward(fold_batch_norm(model), precision, inference.cache_dir) for model, _ in members]
+        missing = _missing_int8(nets, members, channels or 1) if precision == "int8" else []
+        if missing and inference.precision == "int8":
+            raise ValueError(f"the int8 network of {', '.join(missing)} is not in {nets[0].cache_dir}: it is made "
+                             "when a round registers the ensemble; use another precision here")
+        if missing:  # auto, on a machine without them: the CPU's float precision (nothing compiled yet)
+            precision = resolve_backend(inference, device)[1]
+            log.info("int8 networks of %s not in %s: the members run at %s", ", ".join(missing),
+                     nets[0].cache_dir, precision)
+            for net in nets:
+                net.precision = precision
+        log.info("members run on %s with %s at %s", device, backend, precision)
+        return nets
+    log.info("members run on %s with %s at %s", device, backend, precision)
     dtype = torch.bfloat16 if precision == "bf16" and device.type == "cpu" else None
     return [as_predictor(model, device, dtype) for model, _ in members]
