@@ -5,9 +5,9 @@ Tables are CSV files in ``DATA_ROOT/viola_catalog/`` (open them in any spreadshe
 ``pandas.read_csv``):
 
 * ``scans.csv``: one row per image file or DICOM series folder: scan_id, role (labelled / unlabelled / test), status
-  (ok / rejected) and reason, image and label paths (relative to the root), content hashes, shape,
-  spacing (mm), orientation code, time added and updated, and the file stats used to skip files
-  that did not change.
+  (ok / rejected) and reason, image and label paths (relative to the root; a label is a NIfTI mask
+  or a DICOM SEG), content hashes, shape, spacing (mm), orientation code, time added and updated,
+  the file stats used to skip files that did not change, and a series' Series and Study Instance UIDs.
 * ``folds_k{K}_seed{S}.csv``: the K-fold split of the labelled scans, seeded; scans labelled later
   join the smallest folds, existing assignments never move.
 * ``pseudo_labels.csv``: per (scan, round): the mask file and its hash (none for a scan that could
@@ -38,7 +38,14 @@ import filelock
 import numpy as np
 import pandas as pd
 
-from data_catalog.dicom import series_files, series_signature
+from data_catalog.dicom import (
+    find_series,
+    is_dicom_file,
+    seg_reference,
+    series_files,
+    series_identity,
+    series_signature,
+)
 from data_catalog.scans import (
     ScanError,
     atomic_write,
@@ -64,6 +71,7 @@ __all__ = [
     "load_pseudo_labels",
     "load_scans",
     "record_pseudo_labels",
+    "scan_entries",
     "truth_pairs",
     "update_folds",
     "usable_scans",
@@ -76,7 +84,7 @@ ROLES = ("labelled", "unlabelled", "test")
 SCAN_COLUMNS = [
     "scan_id", "role", "status", "reason", "image_path", "label_path", "image_hash", "label_hash",
     "shape", "spacing", "orientation", "label_transform", "added_at", "updated_at",
-    "image_size", "image_mtime_ns", "label_size", "label_mtime_ns", "voxel_hash",
+    "image_size", "image_mtime_ns", "label_size", "label_mtime_ns", "voxel_hash", "series_uid", "study_uid",
 ]
 PSEUDO_COLUMNS = [
     "scan_id", "round", "mask_path", "mask_hash", "teacher_run_id", "members", "consensus", "agreement",
@@ -181,7 +189,8 @@ def _strip_nii(name: str) -> str | None:
 
 def entry_problem(path: Path, series: bool = True) -> str:
     """Why a folder entry cannot be a scan ("" when it can: a regular, visible .nii/.nii.gz file or,
-    with ``series``, a visible folder with files in it, read as one DICOM series)."""
+    with ``series``, a visible folder with files or folders in it, read as one DICOM series or as a
+    tree of them; without ``series`` (labels), a .nii/.nii.gz file or a DICOM SEG file)."""
     name = path.name
     if name.startswith("."):
         return "hidden file (name starts with '.'): not read"
@@ -191,16 +200,16 @@ def entry_problem(path: Path, series: bool = True) -> str:
         if _strip_nii(name):
             return "a folder named like a scan, not a file"
         if not series:
-            return "a folder, not a NIfTI file (labels are NIfTI files)"
+            return "a folder, not a label file (a NIfTI mask or a DICOM SEG)"
         try:
-            has_files = bool(series_files(path))
+            has_entries = any(not p.name.startswith(".") for p in path.iterdir())
         except OSError as e:
             return f"cannot list the folder: {e.strerror or e}"
-        return "" if has_files else "a folder, not a NIfTI file"
+        return "" if has_entries else "an empty folder, not a NIfTI file or a DICOM series"
     if not path.is_file():
         return "not a regular file"
-    if not _strip_nii(name):
-        return "not a NIfTI file name (.nii or .nii.gz)"
+    if not _strip_nii(name) and not (not series and is_dicom_file(path)):
+        return "not a NIfTI file name (.nii or .nii.gz)" + ("" if series else " nor a DICOM SEG file")
     return ""
 
 
@@ -209,30 +218,62 @@ def _case_name(path: Path) -> str:
     return _strip_nii(path.name) or path.name
 
 
-def _entries(folder: Path, series: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """A folder's scan files (and, with ``series``, DICOM series folders), and every other entry
-    with the reason it is not one."""
+def scan_entries(folder: Path, series: bool = True) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """A folder's scans with their case names, and every other entry with the reason it is not one.
+
+    Scans: its NIfTI files (CASE.nii.gz: CASE) and, with ``series``, its DICOM series. A folder
+    that directly holds files is one series named by the folder (as before); below it, and in a
+    folder that holds only folders and a DICOMDIR (an archive's patient/study/series tree), every
+    folder that directly holds DICOM files is one series, named by its UIDs
+    (``data_catalog.dicom.series_identity``: the same id wherever the tree is copied). A tree with
+    no DICOM file in it is listed with its reason."""
     if not folder.is_dir():
         return [], []
-    files, others = [], []
+    found, others = [], []
     for p in sorted(folder.iterdir()):
+        if series and p.name.upper() == "DICOMDIR" and p.is_file():  # an export's index: its series are found anyway
+            continue
         problem = entry_problem(p, series)
         if problem:
             others.append((p, problem))
+        elif p.is_dir():
+            found += _series_of(p, others)
         else:
-            files.append(p)
-    return files, others
+            found.append((p, _case_name(p)))
+    return found, others
+
+
+def _series_of(entry: Path, others: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """The series of one folder entry of a role folder (see :func:`scan_entries`); a problem of the
+    whole entry goes to ``others``."""
+    try:
+        files = [p for p in series_files(entry) if p.name.upper() != "DICOMDIR"]
+        tree, searched = find_series(entry)
+    except ScanError as e:
+        others.append((entry, str(e)))
+        return []
+    except OSError as e:
+        others.append((entry, f"cannot list the folder: {e.strerror or e}"))
+        return []
+    below = [f for f in tree if f != entry]
+    out = [(entry, entry.name)] if files or not below else []  # the folder itself: checked as one series
+    if not files and not below:
+        others.append((entry, f"no DICOM file in {searched} folder(s) below it (and no NIfTI file): "
+                              "not a DICOM series or tree of series"))
+        return []
+    return out + [(f, series_identity(f).scan_id) for f in below]
 
 
 def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channel: bool) -> list[_Candidate]:
-    """Images of one folder with their labels (same case name); labels without image are reported."""
+    """Images of one folder with their labels: a NIfTI label by case name, a DICOM SEG by the series
+    it references. Labels without image are reported."""
     out: list[_Candidate] = []
-    images_ok, image_others = _entries(images)
-    labels_ok, label_others = _entries(labels, series=False) if labels else ([], [])
-    label_files = {(_strip_nii(p.name) or ""): p for p in labels_ok}
-    used: set[str] = set()
-    for img in images_ok:
-        case = _case_name(img)
+    images_ok, image_others = scan_entries(images)
+    labels_ok, label_others = scan_entries(labels, series=False) if labels else ([], [])
+    label_files = {case: p for p, case in labels_ok if not is_dicom_file(p)}
+    segs = _seg_labels(root, images_ok, [p for p, _ in labels_ok if is_dicom_file(p)], label_others)
+    used: set[Path] = set()
+    for img, case in images_ok:
         cand = _Candidate(scan_id=case, role=role, image=str(img.relative_to(root)))
         if strip_channel:  # nnU-Net: CASE_0000 is the (only) CT channel
             if case.endswith("_0000"):
@@ -241,19 +282,49 @@ def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channe
             else:
                 cand.error = "nnU-Net image names end in _0000 (single-channel CT); other channels are not supported"
         if labels is not None and not cand.error:
-            lab = label_files.get(case)
-            if lab is None:
-                cand.error = f"no label found (expected {labels.relative_to(root)}/{case}.nii.gz)"
+            found = [lab for lab in (label_files.get(case), segs.get(img)) if lab is not None]
+            if not found:
+                seg = " or a DICOM SEG of the series" if img.is_dir() else ""
+                cand.error = f"no label found (expected {labels.relative_to(root)}/{case}.nii.gz{seg})"
+            elif len(found) > 1:
+                cand.error = (f"two labels: {found[0].relative_to(root)} and {found[1].relative_to(root)}; "
+                              "keep one of them")
             else:
-                cand.label = str(lab.relative_to(root))
-                used.add(case)
+                cand.label = str(found[0].relative_to(root))
+            used.update(found)
         out.append(cand)
-    for case, lab in label_files.items():
-        if case not in used:
-            out.append(_Candidate(scan_id=case, role=role, image=str(lab.relative_to(root)),
+    for lab in [*label_files.values(), *segs.values()]:
+        if lab not in used:
+            out.append(_Candidate(scan_id=_case_name(lab), role=role, image=str(lab.relative_to(root)),
                                   error="label without image"))
     for entry, problem in image_others + label_others:
         out.append(_Candidate(scan_id=entry.name, role=role, image=str(entry.relative_to(root)), error=problem))
+    return out
+
+
+def _seg_labels(root: Path, images: list[tuple[Path, str]], segs: list[Path],
+                others: list[tuple[Path, str]]) -> dict[Path, Path]:
+    """{image series folder: its DICOM SEG} by each SEG's referenced series; a SEG that is not one,
+    or that references no series of the folder, or a series another SEG labels, goes to ``others``
+    with its reason. Headers only; read only when there are SEG files."""
+    if not segs:
+        return {}
+    by_uid = {series_identity(p).series_uid: p for p, _ in images if p.is_dir()}
+    out: dict[Path, Path] = {}
+    for seg in segs:
+        try:
+            uid = seg_reference(seg)
+        except ScanError as e:
+            others.append((seg, str(e)))
+            continue
+        image = by_uid.get(uid)
+        if image is None:
+            others.append((seg, f"a DICOM SEG of series {uid}, which is not among the image series beside it"))
+        elif image in out:
+            others.append((seg, f"a second DICOM SEG of {image.relative_to(root)} (the first: "
+                                f"{out[image].relative_to(root)}); keep one of them"))
+        else:
+            out[image] = seg
     return out
 
 
@@ -295,9 +366,18 @@ def _stat(root: Path, rel: str) -> tuple[str, str]:
     return str(st.st_size), str(st.st_mtime_ns)
 
 
+def _uids(image: Path) -> dict[str, str]:
+    """The DICOM UIDs of a series folder (one header), none for a NIfTI file."""
+    if not image.is_dir():
+        return {"series_uid": "", "study_uid": ""}
+    ident = series_identity(image)
+    return {"series_uid": ident.series_uid, "study_uid": ident.study_uid}
+
+
 def _validate(root: Path, cand: _Candidate, binarize: bool) -> dict[str, str]:
     """Read and check one candidate; returns the row fields that depend on the files' content."""
     fields = {"status": "ok", "reason": "", "shape": "", "spacing": "", "orientation": "", "voxel_hash": ""}
+    fields.update(_uids(root / cand.image))
     try:
         image, info = read_image(root / cand.image)
         fields.update(
@@ -308,7 +388,7 @@ def _validate(root: Path, cand: _Candidate, binarize: bool) -> dict[str, str]:
         )
         if cand.label:
             try:
-                _, linfo = read_label(root / cand.label, binarize=binarize)
+                _, linfo = read_label(root / cand.label, binarize=binarize, image=root / cand.image)
             except ScanError as e:
                 raise ScanError(f"label {cand.label}: {e}") from None
             check_label_matches(info, linfo)
@@ -349,6 +429,8 @@ def _scan_row(root: Path, cand: _Candidate, prev: dict[str, str] | None, transfo
         return row, "rejected"
     if _known(prev) and all(prev[k] == row[k] for k in _STAT_KEYS):
         kept = {**prev, "scan_id": cand.scan_id}
+        if not kept["series_uid"] and kept["status"] == "ok":  # a catalog from before the UIDs were kept
+            kept.update(_uids(root / cand.image))
         if kept["reason"].startswith(_DUPLICATE_REASONS):  # valid content: decided again with the others
             kept.update(status="ok", reason="")
         return kept, "unchanged"
@@ -368,7 +450,8 @@ def _check_file(root: Path, row: dict[str, str], cand: _Candidate, prev: dict[st
                    added_at=(prev or {}).get("added_at") or _now(), updated_at=_now())
         return kind
     if _known(prev) and all(prev[k] == row[k] for k in _CONTENT_KEYS):
-        for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at", "voxel_hash"):
+        for k in ("status", "reason", "shape", "spacing", "orientation", "added_at", "updated_at", "voxel_hash",
+                  "series_uid", "study_uid"):
             row[k] = prev[k]
         if row["reason"].startswith(_DUPLICATE_REASONS):
             row.update(status="ok", reason="")

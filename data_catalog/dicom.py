@@ -1,5 +1,6 @@
 """DICOM CT series: a folder of slices read as one volume, checked like a NIfTI scan; its content
-hash; a mask written back as a DICOM SEG that references the series.
+hash; the series of an exported tree (patient/study/series folders, a DICOMDIR) found and named;
+a mask written back as a DICOM SEG that references the series, and a DICOM SEG read as a label.
 
 The one module that reads or writes DICOM. A series folder holds the single-frame slices of one
 CT series (file names do not matter; hidden files, a DICOMDIR and objects without an image, such
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +35,19 @@ from data_catalog.files import ScanError, ScanInfo, atomic_write, scan_info
 
 __all__ = [
     "DicomSeries",
+    "SeriesIdentity",
     "check_seg_writer",
+    "find_series",
     "holds_dicom_files",
+    "is_dicom_file",
     "make_seg",
+    "read_seg",
     "read_series",
     "read_series_geometry",
     "save_seg",
+    "seg_reference",
     "series_files",
+    "series_identity",
     "series_sha256",
     "series_signature",
 ]
@@ -70,6 +78,7 @@ class DicomSeries:
     slopes: tuple[float, ...]
     intercepts: tuple[float, ...]
     transfer_syntax: str
+    sop_uids: tuple[str, ...] = ()  # SOPInstanceUID of each slice, in ``files`` order
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -90,6 +99,11 @@ def _has_dicm_marker(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == _DICM_OFFSET + 4 and head[_DICM_OFFSET:] == b"DICM"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file by its "DICM" marker (a file, not a folder; nothing is parsed)."""
+    return Path(path).is_file() and _has_dicm_marker(Path(path))
 
 
 def holds_dicom_files(folder: Path) -> bool:
@@ -123,6 +137,70 @@ def series_sha256(folder: Path, chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- trees
+_MAX_TREE_DEPTH = 12  # patient/study/series is 3; DICOMDIR media add a few levels
+_MAX_TREE_FOLDERS = 200_000
+
+
+@dataclass(frozen=True)
+class SeriesIdentity:
+    """Who a series folder belongs to, from the header of its first DICOM file (by name): the UIDs
+    and a stable scan id made from them (the same series exported twice, to any folder, gets the
+    same id; no patient name or ID appears in it)."""
+
+    scan_id: str
+    series_uid: str
+    study_uid: str
+
+
+def series_identity(folder: Path) -> SeriesIdentity:
+    """The identity of a series folder (one header read, no pixel data); a folder whose first
+    DICOM file has no readable header is named by its path's hash instead, so that its defect is
+    reported by the series checks rather than here."""
+    folder = Path(folder)
+    first = next((p for p in series_files(folder) if p.name.upper() != "DICOMDIR" and _has_dicm_marker(p)), None)
+    ds = None
+    if first is not None:
+        pydicom, _ = _pydicom()
+        try:
+            ds = pydicom.dcmread(first, stop_before_pixels=True,
+                                 specific_tags=["PatientID", "StudyInstanceUID", "SeriesInstanceUID"])
+        except Exception:  # reported with a reason by read_series
+            ds = None
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "") if ds is not None else ""
+    study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
+    if series_uid:
+        key = "\0".join([str(ds.get("PatientID", "") or ""), study_uid, series_uid])
+    else:
+        key = f"path\0{folder.resolve()}"
+    return SeriesIdentity("dcm" + hashlib.sha256(key.encode()).hexdigest()[:12], series_uid, study_uid)
+
+
+def find_series(tree: Path) -> tuple[list[Path], int]:
+    """The folders at or below ``tree`` that directly hold DICOM files (by their "DICM" marker; a
+    DICOMDIR does not count), each read as one series, in path order; and how many folders were
+    searched. Hidden folders and symbolic links to folders are not entered; a tree deeper than
+    any archive export or with more folders than any is refused (ScanError), before reading."""
+    tree = Path(tree)
+    found: list[Path] = []
+    searched = 0
+    for here, dirs, _ in os.walk(tree, followlinks=False):
+        here_path = Path(here)
+        searched += 1
+        if searched > _MAX_TREE_FOLDERS:
+            raise ScanError(f"more than {_MAX_TREE_FOLDERS} folders under {tree.name}: not one archive export")
+        if len(here_path.relative_to(tree).parts) > _MAX_TREE_DEPTH:
+            raise ScanError(f"{here_path.relative_to(tree)}: folders nested deeper than {_MAX_TREE_DEPTH} levels, "
+                            "deeper than any archive export")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here_path / d).is_symlink())
+        try:
+            if holds_dicom_files(here_path):
+                found.append(here_path)
+        except OSError:  # unreadable folder: its series cannot be found, the others can
+            continue
+    return sorted(found), searched
 
 
 # ---------------------------------------------------------------------------------------- headers
@@ -359,6 +437,7 @@ def _series(folder: Path, datasets: list, paths: list[Path]) -> DicomSeries:
         slopes=tuple(s for s, _ in rescale),
         intercepts=tuple(i for _, i in rescale),
         transfer_syntax=syntax,
+        sop_uids=tuple(str(datasets[i].get("SOPInstanceUID", "") or "") for i in order),
     )
 
 
@@ -496,3 +575,89 @@ def make_seg(mask: np.ndarray, folder: Path, series_description: str = "viola-IC
 def save_seg(seg, path: Path) -> None:
     """Write a dataset from ``make_seg`` atomically (a DICOM file with its preamble and file meta)."""
     atomic_write(Path(path), lambda tmp: seg.save_as(str(tmp)))
+
+
+# ---------------------------------------------------------------------------------------- DICOM SEG in
+_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+# SNOMED CT codes of haemorrhage as segmented property types: Hemorrhage (the one make_seg writes),
+# Cerebral hemorrhage, Subarachnoid hemorrhage, Subdural hemorrhage, Hematoma; and words in a
+# segment's label or code meaning that say the same, for SEGs coded otherwise
+_HAEMORRHAGE_CODES = {"50960005", "274100004", "21454007", "35486000", "385494008"}
+_HAEMORRHAGE_STEMS = ("hemorrhag", "haemorrhag", "hematoma", "haematoma", "bleed")
+_HAEMORRHAGE_ABBREVIATIONS = {"ich", "iph", "ivh", "sah", "sdh", "edh"}
+
+
+def seg_reference(path: Path) -> str:
+    """The SeriesInstanceUID a DICOM SEG file labels (its header only); ScanError naming the file
+    when it is not a DICOM SEG or references no single series."""
+    path = Path(path)
+    ds = _read_header(path)
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if sop_class != _SEG_CLASS and modality != "SEG":
+        raise ScanError(f"{path.name}: a DICOM {modality or 'object'} file, not a DICOM SEG (labels are NIfTI "
+                        "masks or DICOM SEG)")
+    refs = {str(item.get("SeriesInstanceUID", "") or "") for item in ds.get("ReferencedSeriesSequence", [])}
+    refs.discard("")
+    if len(refs) != 1:
+        raise ScanError(f"{path.name}: a DICOM SEG that references {len(refs)} series (ReferencedSeriesSequence); "
+                        "a label references exactly one")
+    return refs.pop()
+
+
+def _is_haemorrhage(segment) -> bool:
+    meanings = [str(segment.get("SegmentLabel", "") or "")]
+    for code in segment.get("SegmentedPropertyTypeCodeSequence", []):
+        if str(code.get("CodeValue", "") or "") in _HAEMORRHAGE_CODES:
+            return True
+        meanings.append(str(code.get("CodeMeaning", "") or ""))
+    words = " ".join(meanings).lower().replace("-", " ").replace("_", " ").split()
+    return any(w.startswith(_HAEMORRHAGE_STEMS) or w in _HAEMORRHAGE_ABBREVIATIONS for w in words)
+
+
+def _segment_name(segment) -> str:
+    label = str(segment.get("SegmentLabel", "") or "")
+    types = segment.get("SegmentedPropertyTypeCodeSequence", [])
+    meaning = str(types[0].get("CodeMeaning", "") or "") if len(types) else ""
+    return f"{segment.get('SegmentNumber', '?')} {label or meaning or 'unnamed'!r}"
+
+
+def read_seg(path: Path, folder: Path) -> tuple[np.ndarray, ScanInfo]:
+    """A DICOM SEG as the label of the series in ``folder``: uint8 {0, 1} on the series' grid (as
+    ``read_series`` lays it out), the union of its haemorrhage segments (other segments, e.g. a
+    brain mask, are left out and logged; fractional segments count from 0.5). ScanError naming the
+    file when highdicom is missing, the SEG references another series or none of its slices, or
+    no segment is haemorrhage."""
+    path = Path(path)
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise ScanError(f"{path.name}: reading a DICOM SEG label needs highdicom, which is not installed: "
+                        "pip install 'viola-ich[dicom]'") from None
+    referenced = seg_reference(path)
+    series = read_series_geometry(folder)
+    if referenced != series.series_uid:
+        raise ScanError(f"{path.name}: references series {referenced}, not this image's {series.series_uid}")
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as e:  # highdicom raises many types for files it cannot use
+        raise ScanError(f"{path.name}: unreadable DICOM SEG ({_first_line(e)})") from None
+    segments = list(seg.get("SegmentSequence", []))
+    keep = [int(s.SegmentNumber) for s in segments if _is_haemorrhage(s)]
+    if not keep:
+        shown = ", ".join(_segment_name(s) for s in segments[:4]) or "none"
+        raise ScanError(f"{path.name}: no haemorrhage segment (segments: {shown}); a label marks haemorrhage")
+    left = [_segment_name(s) for s in segments if int(s.SegmentNumber) not in keep]
+    if left:
+        log.info("%s: segment(s) %s are not haemorrhage, left out of the label", path.name, ", ".join(left))
+    try:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(series.sop_uids), segment_numbers=keep, combine_segments=False,
+            assert_missing_frames_are_empty=True, skip_overlap_checks=True, dtype=np.float32)
+    except Exception as e:  # frames that reference none of the series' slices, a broken pixel stream
+        raise ScanError(f"{path.name}: its frames do not fit the series' slices ({_first_line(e)})") from None
+    mask = np.any(pixels >= 0.5, axis=-1)  # (slices, rows, columns)
+    if mask.shape != (len(series.files), series.rows, series.columns):
+        raise ScanError(f"{path.name}: frames of {mask.shape[1]}x{mask.shape[2]}, not the series' "
+                        f"{series.rows}x{series.columns}")
+    return np.ascontiguousarray(mask.transpose(2, 1, 0)).astype(np.uint8), scan_info(series.affine, series.shape)

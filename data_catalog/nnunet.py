@@ -56,7 +56,7 @@ def _write_image(root: Path, rel: str, dst: Path) -> None:
 
 
 def _write_label(root: Path, image_rel: str, label: Path, dst: Path) -> None:
-    mask, _ = read_label(label, binarize=True)
+    mask, _ = read_label(label, binarize=True, image=root / image_rel)
     save_nifti_like(mask.astype(np.uint8), root / image_rel, dst)
 
 

@@ -186,7 +186,7 @@ def preprocess_scan(
     image, info = read_image(Path(image_path))
     label = ignore = None
     if label_path:
-        label, _ = read_label(Path(label_path), binarize=binarize_label)
+        label, _ = read_label(Path(label_path), binarize=binarize_label, image=Path(image_path))
         if ignore_path:
             ignore, _ = read_label(Path(ignore_path))
             if ignore.shape != label.shape:

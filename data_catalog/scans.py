@@ -220,12 +220,21 @@ def _check_hounsfield(image: np.ndarray) -> None:
         raise ScanError(f"no bone above {_BONE_HU:g} HU (max {hi:g}): intensities do not look like Hounsfield units")
 
 
-def read_label(path: Path, binarize: bool = False) -> tuple[np.ndarray, ScanInfo]:
+def read_label(path: Path, binarize: bool = False, image: Path | None = None) -> tuple[np.ndarray, ScanInfo]:
     """Load a label as uint8 {0, 1}; ScanError with a reason for anything else.
 
-    0/255 masks and multi-class labels are refused with a reason naming their values, unless
-    ``binarize`` is set, which maps every non-zero value to 1 (in memory; files are never changed).
+    A NIfTI mask: 0/255 masks and multi-class labels are refused with a reason naming their
+    values, unless ``binarize`` is set, which maps every non-zero value to 1 (in memory; files are
+    never changed). A DICOM SEG (``data_catalog.dicom.read_seg``) labels the DICOM series folder
+    ``image`` and is read on its grid.
     """
+    from data_catalog.dicom import is_dicom_file, read_seg
+
+    if is_dicom_file(Path(path)):
+        if image is None or not Path(image).is_dir():
+            raise ScanError(f"{Path(path).name}: a DICOM SEG labels a DICOM series; "
+                            f"{'no image was given' if image is None else Path(image).name + ' is not one'}")
+        return read_seg(Path(path), Path(image))
     img, data = _load(path)
     data = _squeeze_to_3d(data)
     info = _info(img, data.shape)

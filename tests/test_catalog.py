@@ -340,7 +340,7 @@ def test_every_entry_of_an_input_folder_gets_a_row_with_its_reason(root):
     df = cat.load_scans(root).set_index("image_path")
     assert df.loc["unlabelled/gone.nii.gz"].reason == "broken symbolic link"
     assert df.loc["unlabelled/folder.nii.gz"].reason == "a folder named like a scan, not a file"
-    assert df.loc["unlabelled/dicom_series"].reason == "a folder, not a NIfTI file"
+    assert df.loc["unlabelled/dicom_series"].reason == "an empty folder, not a NIfTI file or a DICOM series"
     assert df.loc["unlabelled/.hidden.nii.gz"].reason.startswith("hidden file")
     others = [p for p in df.index if p.startswith("unlabelled/") and "u0" not in p]
     assert len(others) == 4 and (df.loc[others, "status"] == "rejected").all()

@@ -289,7 +289,8 @@ def test_ingest_catalogs_series_folders_and_rejects_bad_ones(tmp_path, monkeypat
     df = cat.load_scans(root).set_index("image_path")
     assert df.loc["train/data/c1"].status == "ok" and df.loc["train/data/c1"].label_path == "train/label/c1.nii.gz"
     assert df.loc["train/data/c1", "shape"] == "48x48x12" and df.loc["train/data/c1", "orientation"] == "LPS"
-    assert df.loc["train/data/c2"].reason == "no label found (expected train/label/c2.nii.gz)"
+    assert df.loc["train/data/c2"].reason == ("no label found (expected train/label/c2.nii.gz or a DICOM SEG of "
+                                              "the series)")
     assert df.loc["unlabelled/u1"].status == "ok"
     assert df.loc["unlabelled/u1_copy.nii.gz"].reason.startswith("same content as unlabelled/u1")
     assert df.loc["unlabelled/gap"].reason.startswith("missing slice(s)")
@@ -364,6 +365,11 @@ def test_predict_writes_masks_on_the_series_grid_and_a_dicom_seg(ensemble_dir, s
     back = hd.seg.segread(out / "case_a.seg.dcm").get_pixels_by_source_instance(
         source_sop_instance_uids=_sop_uids(series_inputs / "case_a"), segment_numbers=[1])
     assert np.array_equal(back[..., 0].transpose(2, 1, 0), np.asarray(mask.dataobj))
+    # and read back as a label, the SEG is the NIfTI mask
+    from data_catalog.scans import read_label
+
+    label, label_info = read_label(out / "case_a.seg.dcm", image=series_inputs / "case_a")
+    assert np.array_equal(label, np.asarray(mask.dataobj)) and label_info.shape == info.shape
 
 
 def test_cli_predict_on_one_series_folder_and_without_highdicom(ensemble_dir, series_inputs, tmp_path, monkeypatch):
@@ -383,3 +389,139 @@ def test_cli_predict_on_one_series_folder_and_without_highdicom(ensemble_dir, se
     assert res.output.strip() == ("error: --dicom-seg: writing DICOM SEG needs highdicom, which is not installed: "
                                   "pip install 'viola-ich[dicom]'")
     assert not (tmp_path / "two").exists()
+
+
+# ---------------------------------------------------------------------------------------- archive trees
+def _export_tree(top: Path) -> dict[str, Path]:
+    """An archive's export: DICOMDIR, patient/study/series folders, a scout series, a folder of two
+    series, an MR series, a folder with no DICOM file."""
+    img, _, aff = head_volume(seed=21)
+    img2, _, aff2 = head_volume(seed=22)
+    made = {"ct1": top / "PAT1" / "ST1" / "SE1", "scout": top / "PAT1" / "ST1" / "SE2",
+            "ct2": top / "PAT2" / "ST7" / "SE1", "mixed": top / "PAT2" / "ST7" / "SE3",
+            "mr": top / "PAT2" / "ST7" / "SE4"}
+    write_series(made["ct1"], img, aff)
+    write_series(made["scout"], img[:, :, :1], aff, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    write_series(made["ct2"], img2, aff2, PatientID="P2")
+    write_series(made["mixed"], img2, aff2, names=[f"a{k}.dcm" for k in range(img2.shape[2])])
+    write_series(made["mixed"], img2, aff2, names=[f"b{k}.dcm" for k in range(img2.shape[2])])
+    write_series(made["mr"], img2, aff2, Modality="MR")
+    (top / "PAT2" / "notes").mkdir(parents=True)
+    (top / "PAT2" / "notes" / "readme.txt").write_text("not DICOM")
+    (top / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    return made
+
+
+def test_ingest_finds_every_series_of_an_archive_tree_by_uid(tmp_path):
+    root = tmp_path / "root"
+    made = _export_tree(root / "unlabelled" / "export")
+    report = cat.ingest(root)
+    df = cat.load_scans(root).set_index("image_path")
+    rel = {k: str(v.relative_to(root)) for k, v in made.items()}
+    ok = df[df.status == "ok"]
+    assert sorted(ok.index) == sorted([rel["ct1"], rel["ct2"]])
+    ident = dicom.series_identity(made["ct1"])
+    assert df.loc[rel["ct1"], "scan_id"] == ident.scan_id and ident.scan_id.startswith("dcm")
+    assert "P1" not in ident.scan_id and df.loc[rel["ct1"], "scan_id"] != df.loc[rel["ct2"], "scan_id"]
+    first = pydicom.dcmread(next(made["ct1"].iterdir()), stop_before_pixels=True)
+    assert df.loc[rel["ct1"], "series_uid"] == first.SeriesInstanceUID
+    assert df.loc[rel["ct1"], "study_uid"] == first.StudyInstanceUID
+    reasons = dict(report.rejected)
+    assert "only localizer (scout) images" in reasons[rel["scout"]]
+    assert "2 series in one folder" in reasons[rel["mixed"]]
+    assert "modality MR, not CT" in reasons[rel["mr"]]
+    assert all("\n" not in r for r in reasons.values())
+    assert not any("DICOMDIR" in p or "notes" in p for p in df.index)  # an index and a folder of notes: no scans
+    # the same tree copied under another name gives the same ids: the copy is the same scan, not a new one
+    import shutil
+
+    shutil.copytree(root / "unlabelled" / "export", root / "unlabelled" / "again")
+    cat.ingest(root)
+    df = cat.load_scans(root).set_index("image_path")
+    copy = str(Path("unlabelled") / "again" / made["ct1"].relative_to(root / "unlabelled" / "export"))
+    assert df.loc[copy, "scan_id"] == ident.scan_id
+    pair = df.loc[[rel["ct1"], copy]]
+    assert sorted(pair.status) == ["ok", "rejected"]  # one is kept (the earlier added), the other is its copy
+    assert pair[pair.status == "rejected"].reason.iloc[0].startswith("same content as ")
+
+
+def test_an_empty_tree_is_listed_with_its_reason(tmp_path):
+    root = tmp_path / "root"
+    (root / "unlabelled" / "export" / "PAT1" / "ST1").mkdir(parents=True)
+    (root / "unlabelled" / "export" / "DICOMDIR").write_bytes(b"\0" * 200)
+    write_nifti(root / "unlabelled" / "u1.nii.gz", *head_volume(seed=23)[::2], np.int16)
+    cat.ingest(root)
+    df = cat.load_scans(root).set_index("image_path")
+    assert df.loc["unlabelled/export", "reason"] == (
+        "no DICOM file in 3 folder(s) below it (and no NIfTI file): not a DICOM series or tree of series")
+
+
+def test_predict_on_an_archive_tree_names_masks_by_series(ensemble_dir, tmp_path):
+    from viola_models.inference import segment
+    from viola_models.inference.ensemble import load_ensemble
+
+    made = _export_tree(tmp_path / "export")
+    out = tmp_path / "out"
+    table = segment.predict_folder(tmp_path / "export", out, load_ensemble(ensemble_dir)).set_index("file_name")
+    for key in ("ct1", "ct2"):
+        shown = str(made[key].relative_to(tmp_path / "export"))
+        assert table.loc[shown, "status"] == "ok"
+        assert table.loc[shown, "mask_file"] == f"{dicom.series_identity(made[key]).scan_id}.nii.gz"
+        assert (out / table.loc[shown, "mask_file"]).is_file()
+    assert table.loc[str(made["mr"].relative_to(tmp_path / "export")), "reason"] == "slice000.dcm: modality MR, not CT"
+
+
+# ---------------------------------------------------------------------------------------- DICOM SEG labels
+def _seg_of(mask: np.ndarray, series: Path, path: Path, **segment) -> Path:
+    ds = dicom.make_seg(mask, series)
+    for key, value in segment.items():
+        if key == "code":
+            ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue = value[0]
+            ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning = value[1]
+        else:
+            setattr(ds.SegmentSequence[0], key, value)
+    dicom.save_seg(ds, path)
+    return path
+
+
+def test_a_dicom_seg_is_the_label_of_the_series_it_references(tmp_path):
+    from data_catalog.preprocessing import cached_preprocess
+    from data_catalog.scans import read_label
+    from tests.conftest import PRE
+
+    root = tmp_path / "root"
+    img, lab, aff = head_volume(seed=24)
+    assert lab.sum() > 0
+    write_series(root / "train" / "data" / "c1", img, aff)
+    (root / "train" / "label").mkdir(parents=True)
+    _seg_of(lab, root / "train" / "data" / "c1", root / "train" / "label" / "reader1.dcm")
+    other, _, aff_o = head_volume(seed=25)
+    write_series(tmp_path / "elsewhere", other, aff_o)
+    _seg_of(lab, tmp_path / "elsewhere", root / "train" / "label" / "stray.dcm")
+    write_series(root / "train" / "data" / "c2", other, aff_o)
+    _seg_of(lab, root / "train" / "data" / "c2", root / "train" / "label" / "brain.dcm", SegmentLabel="Brain",
+            code=("12738006", "Brain"))
+    (root / "train" / "label" / "notes.txt").write_text("reader's notes")
+    report = cat.ingest(root)
+    df = cat.load_scans(root).set_index("image_path")
+    reasons = dict(report.rejected)
+    assert df.loc["train/data/c1", "status"] == "ok"
+    assert df.loc["train/data/c1", "label_path"] == "train/label/reader1.dcm"
+    assert "which is not among the image series beside it" in reasons["train/label/stray.dcm"]
+    assert reasons["train/data/c2"] == ("label train/label/brain.dcm: brain.dcm: no haemorrhage segment "
+                                        "(segments: 1 'Brain'); a label marks haemorrhage")
+    assert reasons["train/label/notes.txt"] == "not a NIfTI file name (.nii or .nii.gz) nor a DICOM SEG file"
+    # the label on the series' grid equals the mask it was written from, through preprocessing too
+    label, _ = read_label(root / "train" / "label" / "reader1.dcm", image=root / "train" / "data" / "c1")
+    assert np.array_equal(label, lab.astype(np.uint8))
+    write_nifti(tmp_path / "c1.nii.gz", lab, aff, np.uint8)
+    row = cat.usable_scans(root, "labelled").iloc[0]
+    from_seg, _ = cached_preprocess(tmp_path / "cache", root / row.image_path, row.image_hash, PRE,
+                                    root / row.label_path, row.label_hash)
+    from_nifti, _ = cached_preprocess(tmp_path / "cache", root / row.image_path, row.image_hash, PRE,
+                                      tmp_path / "c1.nii.gz", file_sha256(tmp_path / "c1.nii.gz"))
+    from data_catalog.preprocessing import load_preprocessed
+
+    assert np.array_equal(load_preprocessed(from_seg).label, load_preprocessed(from_nifti).label)
+    with pytest.raises(ScanError, match="a DICOM SEG labels a DICOM series; no image was given"):
+        read_label(root / "train" / "label" / "reader1.dcm")

@@ -52,7 +52,7 @@ def evaluate_scans(
             # the round preprocessed the scan with its label already: the image part is the same
             seg = segment_scan(Path(scan["image"]), ensemble, cache_dir=cache_dir, overlap=overlap, tta=tta,
                                image_hash=scan.get("image_hash"), cached_case=scan.get("cache"))
-            gt, _ = read_label(Path(scan["label"]), binarize=True)
+            gt, _ = read_label(Path(scan["label"]), binarize=True, image=Path(scan["image"]))
         except ScanError as e:
             log.warning("evaluate: skipping %s: %s", scan_id, e)
             rows.append({"scan_id": scan_id, "status": "rejected", "reason": str(e)})

@@ -137,31 +137,37 @@ def segment_scan(
 
 
 PREDICTION_COLUMNS = [
-    "file_name", "status", "reason", "predicted_volume_ml", "abc2_volume_ml", "n_lesions", "largest_lesion_ml",
+    "file_name", "mask_file", "status", "reason", "predicted_volume_ml", "abc2_volume_ml", "n_lesions",
+    "largest_lesion_ml",
     "consensus", "predicted_dice", "agreement", "union_agreement", "mean_max_probability", "volume_cv",
     "inference_seconds",
 ]
 
 
-def _inputs(folder: Path) -> list[tuple[Path, str]]:
-    """Every entry of the input folder (or the one input file, or the one DICOM series folder), with
-    why it cannot be a scan ("" if it can). A folder that directly holds DICOM files is one series;
-    otherwise its NIfTI files and its sub-folders (each a series) are the inputs."""
-    from data_catalog.catalog import entry_problem
+def _inputs(folder: Path) -> list[tuple[Path, str, str]]:
+    """Every input of the input folder (or the one input file, or the one DICOM series folder): its
+    path, its mask's file name and why it cannot be a scan ("" if it can). A folder that directly
+    holds DICOM files is one series; otherwise its NIfTI files and the series in its sub-folders
+    (``data_catalog.catalog.scan_entries``: a folder of series, or an archive's tree of them) are
+    the inputs. A NIfTI mask keeps its scan's file name; a series' is CASE.nii.gz."""
+    from data_catalog.catalog import entry_problem, scan_entries
     from data_catalog.dicom import holds_dicom_files
 
     if not folder.is_dir() or holds_dicom_files(folder):
-        return [(folder, entry_problem(folder))]
-    return [(p, entry_problem(p)) for p in sorted(folder.iterdir())]
+        return [(folder, _mask_name(folder, folder.name), entry_problem(folder))]
+    found, others = scan_entries(folder)
+    rows = [(p, _mask_name(p, case), "") for p, case in found]
+    rows += [(p, _mask_name(p, p.name), why) for p, why in others]
+    return sorted(rows, key=lambda r: str(r[0]))
 
 
-def _mask_name(path: Path) -> str:
-    """The mask's file name: the scan's own, or a series folder's name + .nii.gz."""
-    return f"{path.name}.nii.gz" if path.is_dir() else path.name
+def _mask_name(path: Path, case: str) -> str:
+    """The mask's file name: the scan's own, or a series' case name + .nii.gz."""
+    return f"{case}.nii.gz" if path.is_dir() else path.name
 
 
-def _predict_one(path: Path, problem: str, output_dir: Path, ensemble: Ensemble, written: dict[str, str],
-                 **options) -> dict:
+def _predict_one(path: Path, shown: str, name: str, problem: str, output_dir: Path, ensemble: Ensemble,
+                 written: dict[str, str], **options) -> dict:
     """Segment one input of :func:`predict_folder` into ``output_dir`` (``options``: overlap, tta,
     overlays, dicom_seg); its row of ``predictions_info.csv``. ``written``: mask name -> the input it
     came from, updated here."""
@@ -169,8 +175,7 @@ def _predict_one(path: Path, problem: str, output_dir: Path, ensemble: Ensemble,
     from data_catalog.overlays import overlay_png
     from data_catalog.scans import ScanError, save_nifti_like
 
-    row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": path.name}
-    name = _mask_name(path)
+    row = {c: "" for c in PREDICTION_COLUMNS} | {"file_name": shown}
     try:
         if problem:
             raise ScanError(problem)
@@ -181,11 +186,12 @@ def _predict_one(path: Path, problem: str, output_dir: Path, ensemble: Ensemble,
     except ScanError as e:
         return row | {"status": "rejected", "reason": str(e)}
     save_nifti_like(seg.mask, path, output_dir / name)
-    written[name] = path.name
+    written[name] = shown
     if seg_dataset is not None:
-        save_seg(seg_dataset, output_dir / f"{path.name}.seg.dcm")
-    row.update(status="ok", predicted_volume_ml=round(seg.volume_ml, 3), abc2_volume_ml=round(seg.abc2_volume_ml, 3),
-               n_lesions=seg.n_lesions, largest_lesion_ml=round(seg.largest_lesion_ml, 3),
+        save_seg(seg_dataset, output_dir / f"{name.removesuffix('.nii.gz')}.seg.dcm")
+    row.update(status="ok", mask_file=name, predicted_volume_ml=round(seg.volume_ml, 3),
+               abc2_volume_ml=round(seg.abc2_volume_ml, 3), n_lesions=seg.n_lesions,
+               largest_lesion_ml=round(seg.largest_lesion_ml, 3),
                consensus=seg.scores["consensus"], inference_seconds=round(seg.seconds, 3),
                **{k: round(seg.scores[k], 4) for k in ("predicted_dice", "agreement", "union_agreement",
                                                       "mean_max_probability", "volume_cv")})
@@ -193,7 +199,7 @@ def _predict_one(path: Path, problem: str, output_dir: Path, ensemble: Ensemble,
         image, info = read_image(path)
         stem = name.removesuffix(".gz").removesuffix(".nii")
         overlay_png(image, seg.mask, info.affine, output_dir / "overlays" / f"{stem}.png",
-                    title=f"{path.name}: {seg.volume_ml:.1f} ml in {seg.n_lesions} lesion(s)")
+                    title=f"{shown}: {seg.volume_ml:.1f} ml in {seg.n_lesions} lesion(s)")
     return row
 
 
@@ -229,15 +235,16 @@ def predict_folder(
     if dicom_seg:
         check_seg_writer()
     inputs = _inputs(input_dir)
-    if not any(problem == "" for _, problem in inputs):
+    if not any(problem == "" for _, _, problem in inputs):
         raise FileNotFoundError(f"no .nii or .nii.gz files or DICOM series folders in {input_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     table = output_dir / "predictions_info.csv"
     written: dict[str, str] = {}  # mask name -> the input it came from
-    for i, (path, problem) in enumerate(inputs, 1):
-        row = _predict_one(path, problem, output_dir, ensemble, written, overlap=overlap, tta=tta, overlays=overlays,
-                           dicom_seg=dicom_seg)
+    for i, (path, name, problem) in enumerate(inputs, 1):
+        shown = path.name if path == input_dir else str(path.relative_to(input_dir))
+        row = _predict_one(path, shown, name, problem, output_dir, ensemble, written, overlap=overlap, tta=tta,
+                           overlays=overlays, dicom_seg=dicom_seg)
         rows.append(row)
         df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
         atomic_write(table, lambda tmp, df=df: df.to_csv(tmp, index=False))
