@@ -104,9 +104,15 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         from viola_models.inference.ensemble import load_ensemble
         from viola_models.inference.predictors import resolve_device
 
+        from viola_models.inference.backends import seed_cache
+        from viola_models.inference.ensemble import BUNDLED_NETWORKS
+
         folder = Path(context.artifacts[ENSEMBLE_ARTIFACT])
-        fetch_member_checkpoints(folder, mlflow.get_tracking_uri())
-        self.ensemble = load_ensemble(folder, device=resolve_device("auto"), inference=InferenceSettings())
+        fetch_member_checkpoints(folder, mlflow.get_tracking_uri())  # none to fetch in a self-contained export
+        inference = InferenceSettings()
+        if (folder / BUNDLED_NETWORKS).is_dir():
+            seed_cache(folder / BUNDLED_NETWORKS, inference.cache_dir)
+        self.ensemble = load_ensemble(folder, device=resolve_device("auto"), inference=inference)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from data_catalog.scans import ScanError, array_image, save_nifti_like
@@ -153,20 +159,28 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(table)
 
 
-def save_ensemble_model(folder: Path, dst: Path) -> Path:
+def save_ensemble_model(folder: Path, dst: Path, self_contained: bool = False) -> Path:
     """Write ``folder`` (an ensemble folder) as a pyfunc model in the new folder ``dst``: the
-    ensemble without the member checkpoints that its manifest ties to member runs."""
-    from viola_models.inference.ensemble import read_manifest
+    ensemble without the member checkpoints that its manifest ties to member runs (they are
+    fetched from those runs when the model is loaded). ``self_contained``: with every member
+    checkpoint (``folder`` must hold them all) and the members' converted OpenVINO networks, so
+    that the model loads, serves and builds into an image without any tracking server."""
+    from viola_models.inference.ensemble import EnsembleError, bundle_cpu_networks, read_manifest
 
     manifest = read_manifest(folder)
-    on_runs = {m["checkpoint"] for m in manifest["members"] if m.get("run_id")}
+    on_runs = set() if self_contained else {m["checkpoint"] for m in manifest["members"] if m.get("run_id")}
+    missing = [m["checkpoint"] for m in manifest["members"] if not (Path(folder) / m["checkpoint"]).is_file()]
+    if self_contained and missing:
+        raise EnsembleError(f"{folder}: member checkpoint(s) {', '.join(missing)} are not in the folder; a "
+                            "self-contained model needs them all")
     with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:
         staged = Path(tmp) / ENSEMBLE_ARTIFACT
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             rel = path.relative_to(folder)
-            if rel.as_posix() not in on_runs:
+            if rel.as_posix() not in on_runs and not rel.parts[0].startswith("."):
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, staged / rel)
+        bundled = bundle_cpu_networks(staged) if self_contained else 0
         with warnings.catch_warnings():  # the model is this module's class, pickled by reference
             warnings.simplefilter("ignore")
             level = logging.getLogger("mlflow.pyfunc").level
@@ -175,7 +189,9 @@ def save_ensemble_model(folder: Path, dst: Path) -> Path:
                 mlflow.pyfunc.save_model(str(dst), python_model=EnsembleModel(),
                                          artifacts={ENSEMBLE_ARTIFACT: str(staged)}, signature=signature(),
                                          pip_requirements=_requirements(),
-                                         metadata={"viola.members": len(manifest["members"])})
+                                         metadata={"viola.members": len(manifest["members"]),
+                                                   "viola.self_contained": self_contained,
+                                                   "viola.bundled_cpu_networks": bundled})
             finally:
                 logging.getLogger("mlflow.pyfunc").setLevel(level)
     return Path(dst)

@@ -1,6 +1,6 @@
 """Services for the tests that need them, started on 127.0.0.1 in temporary folders and stopped by
-PID: a free port, a process group stopped, a PostgreSQL server (the backend store of a
-multi-machine MLflow set-up)."""
+PID: a free port, a process group stopped, a Prefect server, a PostgreSQL server (the backend store
+of a multi-machine MLflow set-up)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,50 @@ def started_with_home(home: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``check`` each second until it is true; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def prefect_env(home: Path, port: int) -> dict[str, str]:
+    """The environment of a test's Prefect commands: its own home, its server, no telemetry."""
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_PROFILES_PATH", None)
+    return env
+
+
+@contextlib.contextmanager
+def prefect_server(env: dict[str, str], port: int, log) -> Iterator[subprocess.Popen]:
+    """`prefect server start` on 127.0.0.1:``port`` (output to the open file ``log``), healthy
+    before it is yielded, stopped with its process group after."""
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(lambda: healthy() or server.poll() is not None, 120, "the Prefect server")
+        assert server.poll() is None, f"the Prefect server stopped with exit code {server.returncode}"
+        yield server
+    finally:
+        stop_group(server)
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 __all__ = ["InferenceSettings", "OpenVINOForward", "cpu_bf16_supported", "default_cache_dir", "nncf_available",
-           "openvino_available", "prune_cache", "resolve_backend"]
+           "openvino_available", "prune_cache", "resolve_backend", "seed_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,31 @@ def _weights_digest(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def seed_cache(bundled: Path, cache_dir: Path | None = None) -> int:
+    """Copy into the cache (default: :func:`default_cache_dir`) the converted networks of
+    ``bundled`` (a cache folder shipped inside a model) that it lacks, each entry moved in whole;
+    returns how many. A cache that cannot be written is left alone (the networks are then
+    converted when first used, as without a bundle)."""
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    copied = 0
+    for entry in sorted(p for p in Path(bundled).iterdir() if (p / "model.xml").is_file()):
+        if (target / entry.name / "model.xml").is_file():
+            continue
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=target))
+            shutil.copytree(entry, tmp, dirs_exist_ok=True)
+            try:
+                tmp.rename(target / entry.name)
+                copied += 1
+            except OSError:  # another process put the same entry in place first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            log.warning("could not copy the bundled OpenVINO networks into %s (%s)", target, e)
+            break
+    return copied
 
 
 def prune_cache(cache_dir: Path, max_entries: int) -> None:

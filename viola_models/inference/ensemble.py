@@ -8,6 +8,8 @@ Layout::
     calibration.csv         the out-of-fold points the calibration was fitted on (optional)
     cpu_inference.json      the CPU networks made at registration and the int8 check's outcome
                             (optional: :func:`prepare_cpu_networks`)
+    openvino/               the members' converted OpenVINO networks, in a self-contained export
+                            (optional: :func:`bundle_cpu_networks`)
     <member>/best.pt        one member checkpoint each (:func:`load_member`)
 
 A round writes it once its members are trained; ``viola predict``, pseudo-labelling and
@@ -33,13 +35,20 @@ from pydantic import ValidationError
 from data_catalog.preprocessing import PreprocessSettings, load_preprocessed
 from data_catalog.scans import atomic_write
 from data_catalog.selection import Calibration, fit_calibration
-from viola_models.inference.backends import InferenceSettings, OpenVINOForward, nncf_available, resolve_backend
+from viola_models.inference.backends import (
+    InferenceSettings,
+    OpenVINOForward,
+    nncf_available,
+    openvino_available,
+    resolve_backend,
+)
 from viola_models.inference.members import MemberCheckpoint, load_member
 from viola_models.inference.predictors import as_predictor, fold_batch_norm
 from viola_models.inference.quantization import calibration_windows, check_int8
 from viola_models.inference.sliding_window import make_predictors
 
-__all__ = ["MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "initial_member", "load_ensemble",
+__all__ = ["BUNDLED_NETWORKS", "MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "bundle_cpu_networks",
+           "initial_member", "load_ensemble",
            "load_member", "prepare_cpu_networks", "quantize_members", "read_cpu_record", "read_manifest",
            "write_ensemble"]
 
@@ -48,6 +57,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "ensemble.json"
 POINTS = "calibration.csv"
 CPU_RECORD = "cpu_inference.json"
+BUNDLED_NETWORKS = "openvino"
 
 
 class EnsembleError(ValueError):
@@ -247,6 +257,26 @@ def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = Non
     text = json.dumps(record, indent=1)
     atomic_write(Path(folder) / CPU_RECORD, lambda tmp: tmp.write_text(text))
     return record
+
+
+def bundle_cpu_networks(folder: Path) -> int:
+    """Convert every member's float OpenVINO network for its prediction window into
+    ``folder/openvino/`` (a cache folder: :func:`viola_models.inference.backends.seed_cache` moves
+    it into a user's cache when a model made of the folder is loaded), so that a site that receives
+    the folder does not convert them; returns how many (0 without OpenVINO). int8 networks are not
+    bundled: they need the labelled scans to be calibrated on, so a site runs the float ones."""
+    if not openvino_available():
+        return 0
+    folder = Path(folder)
+    inference = InferenceSettings(backend="openvino", precision="fp32", cache_dir=folder / BUNDLED_NETWORKS)
+    ensemble = load_ensemble(folder, device="cpu", inference=inference)
+    channels = len(ensemble.preprocess.windows)
+    made = 0
+    for (_, meta), predictor in zip(ensemble.members, ensemble.predictors):
+        if isinstance(predictor, OpenVINOForward):
+            predictor.compiled((1, channels, *meta.patch_size))
+            made += predictor.cached((1, channels, *meta.patch_size))
+    return made
 
 
 def quantize_members(ensemble: Ensemble, inference: InferenceSettings, images: Sequence, seed: int = 0
