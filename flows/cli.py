@@ -202,29 +202,83 @@ def show_catalog(data_root: Path) -> None:
 
 @app.command()
 def export(
-    data_root: Path,
-    out: Annotated[Path, typer.Option(help="folder to write the dataset into (nnU-Net's nnUNet_raw)")],
-    round_: Annotated[int, typer.Option("--round", min=0, help="whose selected pseudo-labels join the labelled "
-                                        "scans (0: the labelled scans alone)")],
-    format_: Annotated[str, typer.Option("--format", help="nnunet: an nnU-Net v2 raw dataset")] = "nnunet",
+    data_root: Annotated[Path | None, typer.Argument(help="the data root (nnunet; or with --round, the ensemble of "
+                                                      "that round)")] = None,
+    out: Annotated[Path, typer.Option(help="folder to write into (nnunet: nnU-Net's nnUNet_raw; otherwise a new "
+                                      "folder)")] = ...,
+    format_: Annotated[str | None, typer.Option(
+        "--format", help="nnunet: an nnU-Net v2 raw dataset; mlflow: a self-contained MLflow model; monai-bundle: "
+        "a MONAI bundle (default: nnunet, or mlflow with --model/--checkpoints)")] = None,
+    round_: Annotated[int | None, typer.Option("--round", min=0, help="nnunet: whose selected pseudo-labels join "
+                                               "the labelled scans (0: the labelled scans alone); mlflow, "
+                                               "monai-bundle: whose ensemble")] = None,
+    model: Annotated[str | None, typer.Option(help="a registered model, NAME@ALIAS or models:/NAME@ALIAS")] = None,
+    checkpoints: Annotated[Path | None, typer.Option(help="an ensemble folder (with ensemble.json)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: ./mlruns/mlflow.db)")] = None,
     dataset_id: Annotated[int, typer.Option(min=1, max=999, help="nnU-Net's dataset id (DatasetNNN_NAME)")] = 501,
     name: str = "ViolaICH",
 ) -> None:
-    """Export DATA_ROOT's labelled scans and a round's selected pseudo-labels for another tool:
-    ``--format nnunet`` writes DatasetNNN_NAME/ (imagesTr, labelsTr, imagesTs, dataset.json)."""
+    """Export for another tool: ``--format nnunet`` writes DATA_ROOT's labelled scans and a round's
+    selected pseudo-labels as DatasetNNN_NAME/ (imagesTr, labelsTr, imagesTs, dataset.json);
+    ``--format mlflow`` an ensemble (``--model``, ``--checkpoints`` or DATA_ROOT ``--round``) as an
+    MLflow model folder with everything inside it (`mlflow models serve -m OUT` with no tracking
+    server); ``--format monai-bundle`` the ensemble as a MONAI bundle."""
     _setup()
+    format_ = format_ or ("mlflow" if model is not None or checkpoints is not None else "nnunet")
+    if format_ not in ("nnunet", "mlflow", "monai-bundle"):
+        _fail(f"--format {format_!r}: give nnunet, mlflow or monai-bundle")
+    if data_root is not None and not data_root.is_dir():
+        _fail(f"data root {data_root} does not exist")
+    if format_ == "nnunet":
+        _export_nnunet(data_root, out, round_, model, checkpoints, dataset_id, name)
+    else:
+        _export_ensemble(format_, data_root, out, round_, model, checkpoints, tracking_uri)
+
+
+def _export_nnunet(data_root: Path | None, out: Path, round_: int | None, model: str | None,
+                   checkpoints: Path | None, dataset_id: int, name: str) -> None:
     from data_catalog.nnunet import write_nnunet_dataset
 
-    if format_ != "nnunet":
-        _fail(f"--format {format_!r}: this version exports nnunet only")
-    if not data_root.is_dir():
-        _fail(f"data root {data_root} does not exist")
+    if model is not None or checkpoints is not None:
+        _fail("--format nnunet exports a data root's scans and pseudo-labels: give DATA_ROOT --round R, not "
+              "--model or --checkpoints")
+    if data_root is None or round_ is None:
+        _fail("--format nnunet needs DATA_ROOT and --round R")
     try:
         done = write_nnunet_dataset(data_root, out, round_, dataset_id, name)
     except _KNOWN as e:
         _fail(str(e))
     typer.echo(f"wrote {done['folder']}: {done['labelled']} labelled scan(s), {done['pseudo_labels']} "
                f"pseudo-label(s) of round {round_}, {done['test']} test scan(s)")
+
+
+def _export_ensemble(format_: str, data_root: Path | None, out: Path, round_: int | None, model: str | None,
+                     checkpoints: Path | None, tracking_uri: str | None) -> None:
+    import tempfile
+
+    from tasks.ensemble_model import export_self_contained
+    from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
+    from viola_models.inference.monai_bundle import write_monai_bundle
+
+    if sum(x is not None for x in (model, checkpoints, round_)) != 1 or (round_ is not None and data_root is None):
+        _fail(f"--format {format_} exports one ensemble: give --model NAME@ALIAS, --checkpoints FOLDER or "
+              "DATA_ROOT --round R")
+    if model is not None and not model.startswith(("models:/", "runs:/")):
+        model = f"models:/{model}"
+    work_dir = data_root / "viola_work" if data_root is not None else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="viola-export-") as tmp:
+            folder = resolve_ensemble_dir(model, round_, checkpoints, work_dir, None, tracking_uri, Path(tmp))
+            if format_ == "mlflow":
+                export_self_contained(folder, out)
+                what = "a self-contained MLflow model (`mlflow models serve -m OUT`, no tracking server needed)"
+            else:
+                write_monai_bundle(folder, out)
+                what = "a MONAI bundle (`python -m monai.bundle run --config_file configs/inference.json`)"
+    except (*_KNOWN, TrackingUnavailable, FileExistsError) as e:
+        _fail(str(e))
+    source = model or (f"round {round_} of {data_root}" if round_ is not None else str(checkpoints))
+    typer.echo(f"wrote {out}: {what} of {source}")
 
 
 def _mark_stopped(work_dir: Path, tracking_uri: str | None, signal_name: str, held: bool = False) -> None:

@@ -33,8 +33,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-__all__ = ["CHECKPOINT_ARTIFACT", "ENSEMBLE_ARTIFACT", "EnsembleModel", "fetch_member_checkpoints",
-           "model_ensemble_dir", "save_ensemble_model", "signature"]
+__all__ = ["CHECKPOINT_ARTIFACT", "ENSEMBLE_ARTIFACT", "EnsembleModel", "export_self_contained",
+           "fetch_member_checkpoints", "model_ensemble_dir", "save_ensemble_model", "signature"]
 
 ENSEMBLE_ARTIFACT = "ensemble"  # the key (and folder) of the ensemble inside the pyfunc model
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"  # where a member run keeps its checkpoint
@@ -100,12 +100,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     """The pyfunc face of ``viola_models.inference.segment.segment_scan`` (see the module's docstring)."""
 
     def load_context(self, context) -> None:
-        from viola_models.inference.backends import InferenceSettings
-        from viola_models.inference.ensemble import load_ensemble
+        from viola_models.inference.backends import InferenceSettings, seed_cache
+        from viola_models.inference.ensemble import BUNDLED_NETWORKS, load_ensemble
         from viola_models.inference.predictors import resolve_device
-
-        from viola_models.inference.backends import seed_cache
-        from viola_models.inference.ensemble import BUNDLED_NETWORKS
 
         folder = Path(context.artifacts[ENSEMBLE_ARTIFACT])
         fetch_member_checkpoints(folder, mlflow.get_tracking_uri())  # none to fetch in a self-contained export
@@ -195,6 +192,26 @@ def save_ensemble_model(folder: Path, dst: Path, self_contained: bool = False) -
             finally:
                 logging.getLogger("mlflow.pyfunc").setLevel(level)
     return Path(dst)
+
+
+def export_self_contained(folder: Path, out: Path) -> Path:
+    """``folder`` (an ensemble folder with every member checkpoint) as a self-contained pyfunc model
+    in the new folder ``out`` (:func:`save_ensemble_model`), written beside it and renamed into
+    place, so that a partial model is never left at ``out``; FileExistsError when ``out`` holds
+    anything."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder: give a new folder for the model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_ensemble_model(folder, staging / "model", self_contained=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging / "model", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def model_ensemble_dir(model_dir: Path) -> Path | None:
