@@ -84,7 +84,8 @@ def _metadata(manifest: dict) -> dict:
                         "(DynUNet) networks, trained with semi-supervised self-training; sliding-window "
                         "inference, consensus of the members, masks on each scan's own grid."),
         "authors": "viola-ICH",
-        "copyright": "see the model's provenance in configs/inference.json (meta)",
+        "copyright": "viola-ICH code: Apache-2.0; the weights belong to whoever trained them (see 'viola')",
+        "license": "Apache-2.0 (code)",
         "intended_use": "Research use only; not a medical device.",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
