@@ -157,10 +157,13 @@ class SeriesIdentity:
 
 def series_identity(folder: Path) -> SeriesIdentity:
     """The identity of a series folder (one header read, no pixel data); a folder whose first
-    DICOM file has no readable header is named by its path's hash instead, so that its defect is
-    reported by the series checks rather than here."""
+    DICOM file has no readable header (or that cannot be listed) is named by its path's hash
+    instead, so that its defect is reported by the series checks rather than here."""
     folder = Path(folder)
-    first = next((p for p in series_files(folder) if p.name.upper() != "DICOMDIR" and _has_dicm_marker(p)), None)
+    try:
+        first = next((p for p in series_files(folder) if p.name.upper() != "DICOMDIR" and _has_dicm_marker(p)), None)
+    except OSError:  # vanished or unreadable since it was listed: reported when it is read
+        first = None
     ds = None
     if first is not None:
         pydicom, _ = _pydicom()

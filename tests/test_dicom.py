@@ -423,6 +423,8 @@ def test_ingest_finds_every_series_of_an_archive_tree_by_uid(tmp_path):
     ident = dicom.series_identity(made["ct1"])
     assert df.loc[rel["ct1"], "scan_id"] == ident.scan_id and ident.scan_id.startswith("dcm")
     assert "P1" not in ident.scan_id and df.loc[rel["ct1"], "scan_id"] != df.loc[rel["ct2"], "scan_id"]
+    gone = dicom.series_identity(tmp_path / "vanished")  # listed, then gone: named by its path, refused later
+    assert gone.scan_id.startswith("dcm") and gone.series_uid == ""
     first = pydicom.dcmread(next(made["ct1"].iterdir()), stop_before_pixels=True)
     assert df.loc[rel["ct1"], "series_uid"] == first.SeriesInstanceUID
     assert df.loc[rel["ct1"], "study_uid"] == first.StudyInstanceUID
