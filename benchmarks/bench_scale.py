@@ -85,7 +85,11 @@ def phantoms(out: Path, n: int) -> tuple[Path, Path]:
     return base, extra
 
 
-def one_size(out: Path, n: int, ensemble_dir: Path | None) -> dict:
+MEMBERS = {"demo": (("viola_small", "nnunet_small"), (48, 48, 16)),
+           "tiny": (("viola_tiny", "nnunet_tiny"), (32, 32, 8))}
+
+
+def one_size(out: Path, n: int, ensemble_dir: Path | None, members: str = "demo") -> dict:
     from data_catalog.selection import select_pseudo_labels
     from flows.profiles import load_profile
     from tasks import tracking
@@ -117,7 +121,8 @@ def one_size(out: Path, n: int, ensemble_dir: Path | None) -> dict:
         with measured(res, stage):
             for s in scans.values():
                 cached_preprocess(cache, Path(s["image"]), s["image_hash"], settings.preprocess)
-    ens = ensemble_dir or make_ensemble(out / "ensemble", 2, ("viola_small", "nnunet_small"), (48, 48, 16),
+    architectures, patch = MEMBERS[members]
+    ens = ensemble_dir or make_ensemble(out / f"ensemble_{members}", 2, architectures, patch,
                                         settings.preprocess)
     with measured(res, "pseudo_label"):
         table = label_scans(lambda: load_ensemble(ens, device="cpu"), scans, root / "pseudo", "bench",
@@ -175,16 +180,20 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--ensemble", type=Path, default=None, help="a trained ensemble folder instead of random weights")
+    ap.add_argument("--members", choices=sorted(MEMBERS), default="demo",
+                    help="random-weight members: the demo's, or tiny ones (viola_tiny, nnunet_tiny, 32x32x8) for the "
+                         "stages around the networks at sizes where the demo's take hours on a CPU")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"members: {args.ensemble or args.members}")
     with tempfile.TemporaryDirectory() as tmp:
         out = (args.out or Path(tmp)).resolve()
         out.mkdir(parents=True, exist_ok=True)
         results = {}
         for n in args.sizes:
-            results[n] = one_size(out, n, args.ensemble)
+            results[n] = one_size(out, n, args.ensemble, args.members)
             print(f"# {n} scans done", flush=True)
         text = report(args.sizes, results)
         print(text)
