@@ -126,7 +126,8 @@ def test_an_ensemble_on_openvino_predicts_as_the_torch_one(ensemble_dir, tmp_pat
         ens = load_ensemble(ensemble_dir, inference=InferenceSettings(backend=backend, precision="fp32",
                                                                       cache_dir=tmp_path))
         outs[backend] = predict_ensemble(ens.members, case.image, overlap=0.5, predictors=ens.predictors)
-    assert np.allclose(outs["torch"].member_probs.numpy(), outs["openvino"].member_probs.numpy(), atol=1e-4)
+    # both fp32, summed in other orders: 4e-5 apart at most on 2 threads, 1.6e-4 on one (OMP_NUM_THREADS=1)
+    assert np.allclose(outs["torch"].member_probs.numpy(), outs["openvino"].member_probs.numpy(), atol=5e-4)
 
 
 def test_cli_predict_takes_a_backend_and_refuses_an_unknown_one(ensemble_dir, tmp_path):
