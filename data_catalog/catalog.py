@@ -256,12 +256,12 @@ def _series_of(entry: Path, others: list[tuple[Path, str]]) -> list[tuple[Path, 
         others.append((entry, f"cannot list the folder: {e.strerror or e}"))
         return []
     below = [f for f in tree if f != entry]
-    out = [(entry, entry.name)] if files or not below else []  # the folder itself: checked as one series
     if not files and not below:
         others.append((entry, f"no DICOM file in {searched} folder(s) below it (and no NIfTI file): "
                               "not a DICOM series or tree of series"))
         return []
-    return out + [(f, series_identity(f).scan_id) for f in below]
+    itself = [(entry, entry.name)] if files else []  # files directly in it: checked as one series
+    return itself + [(f, series_identity(f).scan_id) for f in below]
 
 
 def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channel: bool) -> list[_Candidate]:
@@ -270,8 +270,9 @@ def _pair(root: Path, images: Path, labels: Path | None, role: str, strip_channe
     out: list[_Candidate] = []
     images_ok, image_others = scan_entries(images)
     labels_ok, label_others = scan_entries(labels, series=False) if labels else ([], [])
-    label_files = {case: p for p, case in labels_ok if not is_dicom_file(p)}
-    segs = _seg_labels(root, images_ok, [p for p, _ in labels_ok if is_dicom_file(p)], label_others)
+    seg_files = {p for p, _ in labels_ok if is_dicom_file(p)}
+    label_files = {case: p for p, case in labels_ok if p not in seg_files}
+    segs = _seg_labels(root, images_ok, sorted(seg_files), label_others)
     used: set[Path] = set()
     for img, case in images_ok:
         cand = _Candidate(scan_id=case, role=role, image=str(img.relative_to(root)))

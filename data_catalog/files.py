@@ -5,16 +5,18 @@ are read in ``data_catalog.scans``, DICOM series in ``data_catalog.dicom``, both
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["MAX_VOXELS", "ScanError", "ScanInfo", "atomic_write", "scan_info"]
+__all__ = ["MAX_VOXELS", "ScanError", "ScanInfo", "atomic_folder", "atomic_write", "scan_info"]
 
 MAX_VOXELS = 1 << 30  # 1.07e9 voxels: several times the largest head CT (512 x 512 x 1000)
 
@@ -80,4 +82,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise OSError(e.errno, f"cannot write {path} ({e.strerror or e})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, what: str) -> Iterator[Path]:
+    """A new folder written whole or not at all: yields an empty temporary folder beside ``path``,
+    renamed to ``path`` when the block ends without error, removed otherwise. FileExistsError
+    (naming ``what`` the folder is for) when ``path`` exists and is not an empty folder."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder: give a new folder for {what}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -256,6 +256,7 @@ def _export_ensemble(format_: str, data_root: Path | None, out: Path, round_: in
                      checkpoints: Path | None, tracking_uri: str | None) -> None:
     import tempfile
 
+    from flows.profiles import WORK_DIR
     from tasks.ensemble_model import export_self_contained
     from tasks.tracking import TrackingUnavailable, resolve_ensemble_dir
     from viola_models.inference.monai_bundle import write_monai_bundle
@@ -265,7 +266,7 @@ def _export_ensemble(format_: str, data_root: Path | None, out: Path, round_: in
               "DATA_ROOT --round R")
     if model is not None and not model.startswith(("models:/", "runs:/")):
         model = f"models:/{model}"
-    work_dir = data_root / "viola_work" if data_root is not None else None
+    work_dir = data_root / WORK_DIR if data_root is not None else None
     try:
         with tempfile.TemporaryDirectory(prefix="viola-export-") as tmp:
             folder = resolve_ensemble_dir(model, round_, checkpoints, work_dir, None, tracking_uri, Path(tmp))

@@ -24,6 +24,7 @@ from viola_models.training import TrainSettings
 __all__ = ["PipelineSettings", "ProfileError", "load_profile", "parse_overrides", "profile_names"]
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+WORK_DIR = "viola_work"  # beside the data, in every data root: caches, rounds, pseudo-labels
 
 
 class ProfileError(ValueError):
@@ -226,7 +227,7 @@ class PipelineSettings(BaseModel):
     @property
     def work_dir(self) -> Path:
         """Pipeline outputs beside the data: preprocessing cache, rounds, pseudo-labels."""
-        return self.data.root / "viola_work"
+        return self.data.root / WORK_DIR
 
 
 def profile_names() -> list[str]:

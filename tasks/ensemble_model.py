@@ -162,14 +162,12 @@ def save_ensemble_model(folder: Path, dst: Path, self_contained: bool = False) -
     fetched from those runs when the model is loaded). ``self_contained``: with every member
     checkpoint (``folder`` must hold them all) and the members' converted OpenVINO networks, so
     that the model loads, serves and builds into an image without any tracking server."""
-    from viola_models.inference.ensemble import EnsembleError, bundle_cpu_networks, read_manifest
+    from viola_models.inference.ensemble import bundle_cpu_networks, read_manifest, require_checkpoints
 
     manifest = read_manifest(folder)
+    if self_contained:
+        require_checkpoints(folder, manifest, "a self-contained model")
     on_runs = set() if self_contained else {m["checkpoint"] for m in manifest["members"] if m.get("run_id")}
-    missing = [m["checkpoint"] for m in manifest["members"] if not (Path(folder) / m["checkpoint"]).is_file()]
-    if self_contained and missing:
-        raise EnsembleError(f"{folder}: member checkpoint(s) {', '.join(missing)} are not in the folder; a "
-                            "self-contained model needs them all")
     with tempfile.TemporaryDirectory(prefix="viola-model-") as tmp:
         staged = Path(tmp) / ENSEMBLE_ARTIFACT
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
@@ -196,22 +194,13 @@ def save_ensemble_model(folder: Path, dst: Path, self_contained: bool = False) -
 
 def export_self_contained(folder: Path, out: Path) -> Path:
     """``folder`` (an ensemble folder with every member checkpoint) as a self-contained pyfunc model
-    in the new folder ``out`` (:func:`save_ensemble_model`), written beside it and renamed into
-    place, so that a partial model is never left at ``out``; FileExistsError when ``out`` holds
-    anything."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder: give a new folder for the model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_ensemble_model(folder, staging / "model", self_contained=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging / "model", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    in the new folder ``out`` (:func:`save_ensemble_model`), never left half-written
+    (``data_catalog.files.atomic_folder``: FileExistsError when ``out`` holds anything)."""
+    from data_catalog.files import atomic_folder
+
+    with atomic_folder(out, "the model") as tmp:
+        save_ensemble_model(folder, tmp, self_contained=True)
+    return Path(out)
 
 
 def model_ensemble_dir(model_dir: Path) -> Path | None:

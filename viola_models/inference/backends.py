@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -139,18 +140,29 @@ def seed_cache(bundled: Path, cache_dir: Path | None = None) -> int:
         if (target / entry.name / "model.xml").is_file():
             continue
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=target))
-            shutil.copytree(entry, tmp, dirs_exist_ok=True)
-            try:
-                tmp.rename(target / entry.name)
-                copied += 1
-            except OSError:  # another process put the same entry in place first
-                shutil.rmtree(tmp, ignore_errors=True)
+            copied += _add_entry(target, entry.name,
+                                 lambda tmp, src=entry: shutil.copytree(src, tmp, dirs_exist_ok=True))
         except OSError as e:
             log.warning("could not copy the bundled OpenVINO networks into %s (%s)", target, e)
             break
     return copied
+
+
+def _add_entry(cache_dir: Path, name: str, fill: Callable[[Path], object]) -> bool:
+    """Put a cache entry in place whole: ``fill(tmp)`` writes it into a temporary folder of
+    ``cache_dir``, which is then renamed to ``name``; False (and nothing left behind) when another
+    process put the same entry in place first. OSError when the cache cannot be written."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
+    try:
+        fill(tmp)
+        tmp.rename(cache_dir / name)
+        return True
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (cache_dir / name / "model.xml").is_file():
+            return False
+        raise
 
 
 def prune_cache(cache_dir: Path, max_entries: int) -> None:
@@ -256,13 +268,8 @@ class OpenVINOForward:
         converted = self._quantize(shape) if int8 else self._convert(shape)
         xml = entry / "model.xml"
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.cache_dir))
-            self._ov.save_model(converted, tmp / "model.xml", compress_to_fp16=False)
-            try:
-                tmp.rename(entry)
-            except OSError:  # another process put the same entry in place first
-                shutil.rmtree(tmp, ignore_errors=True)
+            _add_entry(self.cache_dir, entry.name,
+                       lambda tmp: self._ov.save_model(converted, tmp / "model.xml", compress_to_fp16=False))
             prune_cache(self.cache_dir, self.max_entries)
             # compiled from the file, as every later process will: one network whether the cache was warm or not
             return self.core.read_model(xml)

@@ -50,7 +50,7 @@ from viola_models.inference.sliding_window import make_predictors
 __all__ = ["BUNDLED_NETWORKS", "MANIFEST", "Ensemble", "EnsembleError", "MemberCheckpoint", "bundle_cpu_networks",
            "initial_member", "load_ensemble",
            "load_member", "prepare_cpu_networks", "quantize_members", "read_cpu_record", "read_manifest",
-           "write_ensemble"]
+           "require_checkpoints", "write_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +245,7 @@ def prepare_cpu_networks(folder: Path, inference: InferenceSettings | None = Non
     floating = inference.model_copy(update={"precision": "auto"}) if inference.precision == "int8" else inference
     floating = floating.model_copy(update={"precision": resolve_backend(floating, torch.device("cpu"))[1]})
     ensemble = load_ensemble(folder, device="cpu", inference=floating)
-    channels = len(ensemble.preprocess.windows)
-    ready = 0
-    for (_, meta), predictor in zip(ensemble.members, ensemble.predictors):
-        if isinstance(predictor, OpenVINOForward):  # a CPU takes one window per call (predict_ensemble)
-            predictor.compiled((1, channels, *meta.patch_size))
-            ready += 1
+    ready = _compile_openvino(ensemble)
     record = {"ready": ready, "backend": backend, "int8": _prepare_int8(ensemble, inference, scans, seed)}
     if record["int8"]["passed"]:
         record["ready"] += len(ensemble.members)
@@ -269,14 +264,29 @@ def bundle_cpu_networks(folder: Path) -> int:
         return 0
     folder = Path(folder)
     inference = InferenceSettings(backend="openvino", precision="fp32", cache_dir=folder / BUNDLED_NETWORKS)
-    ensemble = load_ensemble(folder, device="cpu", inference=inference)
+    return _compile_openvino(load_ensemble(folder, device="cpu", inference=inference))
+
+
+def _compile_openvino(ensemble: Ensemble) -> int:
+    """Every member's OpenVINO network compiled for its window (a CPU takes one window per call,
+    ``predict_ensemble``), converted into its cache first where it is not there; how many are in
+    the cache now."""
     channels = len(ensemble.preprocess.windows)
-    made = 0
+    ready = 0
     for (_, meta), predictor in zip(ensemble.members, ensemble.predictors):
         if isinstance(predictor, OpenVINOForward):
             predictor.compiled((1, channels, *meta.patch_size))
-            made += predictor.cached((1, channels, *meta.patch_size))
-    return made
+            ready += predictor.cached((1, channels, *meta.patch_size))
+    return ready
+
+
+def require_checkpoints(folder: Path, manifest: dict, what: str) -> None:
+    """EnsembleError naming the member checkpoints of ``manifest`` that are not in ``folder``
+    (``what`` needs them all: an export that must not depend on the member runs)."""
+    missing = [m["checkpoint"] for m in manifest["members"] if not (Path(folder) / m["checkpoint"]).is_file()]
+    if missing:
+        raise EnsembleError(f"{folder}: member checkpoint(s) {', '.join(missing)} are not in the folder; {what} "
+                            "needs them all")
 
 
 def quantize_members(ensemble: Ensemble, inference: InferenceSettings, images: Sequence, seed: int = 0

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from data_catalog.files import atomic_folder
 from data_catalog.preprocessing import PreprocessSettings
 from viola_models.inference.backends import InferenceSettings
-from viola_models.inference.ensemble import MANIFEST, Ensemble, EnsembleError, load_ensemble, read_manifest
+from viola_models.inference.ensemble import Ensemble, load_ensemble, read_manifest, require_checkpoints
 
 __all__ = ["load_bundle_ensemble", "segment_folder", "write_monai_bundle"]
 
@@ -140,32 +139,16 @@ Research use only; not a medical device.
 
 def write_monai_bundle(ensemble_dir: Path, out: Path) -> Path:
     """Write the ensemble folder ``ensemble_dir`` (with every member checkpoint) as a MONAI bundle
-    in the new folder ``out``, atomically (a partial bundle is never left at ``out``);
+    in the new folder ``out``, never left half-written (``data_catalog.files.atomic_folder``);
     EnsembleError naming what is missing, FileExistsError when ``out`` holds anything."""
     ensemble_dir, out = Path(ensemble_dir), Path(out)
     manifest = read_manifest(ensemble_dir)
-    missing = [m["checkpoint"] for m in manifest["members"] if not (ensemble_dir / m["checkpoint"]).is_file()]
-    if missing:
-        raise EnsembleError(f"{ensemble_dir}: member checkpoint(s) {', '.join(missing)} are not in the folder; a "
-                            "bundle needs them all")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder: give a new folder for the bundle")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    require_checkpoints(ensemble_dir, manifest, "a bundle")
+    with atomic_folder(out, "the bundle") as tmp:
         (tmp / "configs").mkdir()
         (tmp / "docs").mkdir()
-        shutil.copytree(ensemble_dir, tmp / "models" / "ensemble",
-                        ignore=shutil.ignore_patterns(".*", "openvino"))
-        if not (tmp / "models" / "ensemble" / MANIFEST).is_file():
-            raise EnsembleError(f"{ensemble_dir}: no {MANIFEST} copied")
+        shutil.copytree(ensemble_dir, tmp / "models" / "ensemble", ignore=shutil.ignore_patterns(".*", "openvino"))
         (tmp / "configs" / "metadata.json").write_text(json.dumps(_metadata(manifest), indent=2) + "\n")
         (tmp / "configs" / "inference.json").write_text(json.dumps(_inference_config(manifest), indent=2) + "\n")
         (tmp / "docs" / "README.md").write_text(_README)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
