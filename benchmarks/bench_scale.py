@@ -89,10 +89,28 @@ MEMBERS = {"demo": (("viola_small", "nnunet_small"), (48, 48, 16)),
            "tiny": (("viola_tiny", "nnunet_tiny"), (32, 32, 8))}
 
 
+def _log_round(root: Path, n: int, decided):
+    """What a round logs of its pseudo-labels to a fresh SQLite store: the table, the datasets, the counts."""
+    from tasks import tracking
+
+    store = root / "mlruns"
+    store.mkdir()
+    client = tracking.client_for(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = tracking.experiment_id(client, f"scale-{n}")
+    run = tracking.create_run(client, experiment, "round 1", tags={})
+    shown = decided.drop(columns=[c for c in ("image", "image_hash") if c in decided])
+    tracking.log_table(client, run, shown.assign(members=shown["members"].map(json.dumps)), "pseudo/pseudo_labels.csv")
+    chosen = decided[decided.selected]
+    tracking.log_datasets(client, run, {"pseudo": [{"scan_id": r.scan_id, "image_hash": r.image_hash,
+                                                    "label_hash": r.mask_hash} for r in chosen.itertuples()]},
+                          str(root))
+    tracking.log_metrics(client, run, {"pseudo/n_candidates": len(decided), "pseudo/n_selected": len(chosen)}, 1)
+    return client, experiment
+
+
 def one_size(out: Path, n: int, ensemble_dir: Path | None, members: str = "demo") -> dict:
     from data_catalog.selection import select_pseudo_labels
     from flows.profiles import load_profile
-    from tasks import tracking
     from viola_models.inference.ensemble import load_ensemble
     from viola_models.inference.pseudo_labels import label_scans, with_true_dice
 
@@ -135,22 +153,11 @@ def one_size(out: Path, n: int, ensemble_dir: Path | None, members: str = "demo"
         catalog.record_pseudo_labels(root, [{**r, "round": 1, "teacher_run_id": "bench",
                                              "mask_path": os.path.relpath(r["mask_path"], root)}
                                             for r in decided.to_dict("records") if isinstance(r["mask_path"], str)])
-    store = root / "mlruns"
     with measured(res, "mlflow_logging"):
-        uri = f"sqlite:///{store / 'mlflow.db'}"
-        store.mkdir()
-        client = tracking.client_for(uri)
-        run = tracking.create_run(client, tracking.experiment_id(client, f"scale-{n}"), "round 1", tags={})
-        shown = decided.drop(columns=[c for c in ("image", "image_hash") if c in decided])
-        tracking.log_table(client, run, shown.assign(members=shown["members"].map(json.dumps)),
-                           "pseudo/pseudo_labels.csv")
-        chosen = decided[decided.selected]
-        tracking.log_datasets(client, run, {"pseudo": [{"scan_id": r.scan_id, "image_hash": r.image_hash,
-                                                        "label_hash": r.mask_hash} for r in chosen.itertuples()]},
-                              str(root))
-        tracking.log_metrics(client, run, {"pseudo/n_candidates": len(decided), "pseudo/n_selected": len(chosen)}, 1)
+        client, experiment = _log_round(root, n, decided)
+    store = root / "mlruns"
     res["store_mb"] = sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 2**20
-    res["runs"] = len(client.search_runs([tracking.experiment_id(client, f"scale-{n}")]))
+    res["runs"] = len(client.search_runs([experiment]))
     res["scans"] = len(scans)
     res["rescan_share"] = res["ingest_rescan"]["seconds"] / res["ingest_cold"]["seconds"]
     shutil.rmtree(root.parent, ignore_errors=True)
